@@ -1,0 +1,288 @@
+"""Finding labelled radiographs on disk: class folders or a CSV manifest."""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cxrnn.data.io import ImageReadError, is_image_file, read_image
+
+__all__ = [
+    "Sample",
+    "Dataset",
+    "DatasetError",
+    "MANIFEST_NAME",
+    "load_dataset",
+    "list_image_files",
+    "read_images_safely",
+]
+
+MANIFEST_NAME = "manifest.csv"
+_REQUIRED_COLUMNS = ("path", "label")
+_KNOWN_COLUMNS = ("path", "label", "patient_id", "source", "mask")
+_MAX_LISTED = 5
+
+
+class DatasetError(ValueError):
+    """A dataset folder or manifest cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: str
+    patient_id: str | None = None
+    source: str | None = None
+    mask: Path | None = None
+    extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass
+class Dataset:
+    samples: list[Sample]
+    classes: list[str]
+    root: Path
+
+    def labels(self) -> np.ndarray:
+        """Class index of every sample, in ``self.classes`` order."""
+        index = {name: i for i, name in enumerate(self.classes)}
+        return np.fromiter((index[s.label] for s in self.samples), dtype=np.int64, count=len(self.samples))
+
+    def class_counts(self) -> dict[str, int]:
+        """Number of samples per class, in ``self.classes`` order (zeros included)."""
+        counts = dict.fromkeys(self.classes, 0)
+        for s in self.samples:
+            counts[s.label] += 1
+        return counts
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _walk_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursive), skipping hidden files and folders."""
+    found: list[Path] = []
+    # Pruning dirnames keeps os.walk out of hidden folders entirely, which
+    # matters for things like .git or .ipynb_checkpoints inside a dataset.
+    # (os.walk rather than Path.walk: the latter needs Python 3.12.)
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
+        for fname in filenames:
+            if not _is_hidden(fname):
+                p = Path(dirpath) / fname
+                if is_image_file(p):
+                    found.append(p)
+    found.sort()
+    return found
+
+
+def _list_more(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    if len(items) > _MAX_LISTED:
+        shown += f" ... and {len(items) - _MAX_LISTED} more"
+    return shown
+
+
+def load_dataset(path: str | Path, classes: list[str] | None = None) -> Dataset:
+    """Load a dataset from class folders, a CSV manifest, or a folder holding ``manifest.csv``.
+
+    ``classes`` (e.g. a trained model's classes, in its order) fixes the class
+    list; labels outside it are an error. Otherwise classes are sorted names.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise DatasetError(f"dataset not found: {root}")
+    if root.is_file():
+        if root.suffix.lower() != ".csv":
+            raise DatasetError(
+                f"{root}: a dataset must be a folder of class folders or a CSV manifest"
+            )
+        samples = _read_manifest(root)
+        base = root.parent
+    elif (root / MANIFEST_NAME).is_file():
+        # Generated datasets keep masks/ etc. beside the images; the manifest
+        # says exactly which files are samples, so it wins over the folders.
+        samples = _read_manifest(root / MANIFEST_NAME)
+        base = root
+    else:
+        samples = _scan_class_folders(root, classes)
+        base = root
+    return _finish(samples, classes, base, root)
+
+
+def _finish(samples: list[Sample], classes: list[str] | None, base: Path, source: Path) -> Dataset:
+    found = sorted({s.label for s in samples})
+    if classes is None:
+        class_list = found
+    else:
+        class_list = list(classes)
+        if len(set(class_list)) != len(class_list):
+            raise DatasetError(f"duplicate class names given: {class_list}")
+        unknown = [c for c in found if c not in set(class_list)]
+        if unknown:
+            raise DatasetError(
+                f"{source}: unknown class label(s) {', '.join(repr(u) for u in unknown)}; "
+                f"expected a subset of {', '.join(class_list)}"
+            )
+    samples = sorted(samples, key=lambda s: (s.label, str(s.path)))
+    return Dataset(samples=samples, classes=class_list, root=base)
+
+
+def _scan_class_folders(root: Path, classes: list[str] | None) -> list[Sample]:
+    has_manifest = (root / MANIFEST_NAME).is_file()
+    samples: list[Sample] = []
+    seen_class = False
+    for sub in sorted(root.iterdir()):
+        if not sub.is_dir() or _is_hidden(sub.name):
+            continue
+        if sub.name == "masks" and has_manifest:
+            continue
+        files = _walk_images(sub)
+        if not files:
+            if classes is not None and sub.name in classes:
+                raise DatasetError(f"class folder {sub} contains no images")
+            # A stray empty folder is not a class; warn so a forgotten copy
+            # of a real class does not silently vanish from training.
+            warnings.warn(f"ignored folder {sub}: it contains no images", stacklevel=3)
+            continue
+        seen_class = True
+        samples.extend(Sample(path=f, label=sub.name) for f in files)
+    if not seen_class:
+        raise DatasetError(
+            f"no class folders with images in {root} "
+            f"(expected {root}/<class>/<image files>, or a {MANIFEST_NAME})"
+        )
+    return samples
+
+
+def _opt(value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = value.strip()
+    return value or None
+
+
+def _read_manifest(csv_path: Path) -> list[Sample]:
+    base = csv_path.parent
+    try:
+        # utf-8-sig: spreadsheets exported on Windows prepend a BOM that would
+        # otherwise become part of the first column name.
+        with csv_path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [(h or "").strip() for h in (reader.fieldnames or [])]
+            missing_cols = [c for c in _REQUIRED_COLUMNS if c not in header]
+            if missing_cols:
+                raise DatasetError(
+                    f"{csv_path}: missing column(s) {', '.join(missing_cols)} "
+                    f"(found: {', '.join(header) or 'no header'})"
+                )
+            reader.fieldnames = header
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"{csv_path}: cannot read manifest ({exc})") from None
+
+    if not rows:
+        raise DatasetError(f"{csv_path}: manifest has no rows")
+
+    samples: list[Sample] = []
+    blank_rows: list[str] = []
+    missing_files: list[str] = []
+    for line_no, row in enumerate(rows, start=2):  # line 1 is the header
+        rel = _opt(row.get("path"))
+        label = _opt(row.get("label"))
+        if rel is None or label is None:
+            blank_rows.append(str(line_no))
+            continue
+        file_path = _resolve(base, rel)
+        if not file_path.is_file():
+            missing_files.append(f"{rel} (line {line_no})")
+        mask_rel = _opt(row.get("mask"))
+        mask_path = _resolve(base, mask_rel) if mask_rel else None
+        if mask_path is not None and not mask_path.is_file():
+            missing_files.append(f"mask {mask_rel} (line {line_no})")
+        extra = {
+            k: (v if isinstance(v, str) else "")
+            for k, v in row.items()
+            if k is not None and k not in _KNOWN_COLUMNS
+        }
+        samples.append(
+            Sample(
+                path=file_path,
+                label=label,
+                patient_id=_opt(row.get("patient_id")),
+                source=_opt(row.get("source")),
+                mask=mask_path,
+                extra=extra,
+            )
+        )
+    if blank_rows:
+        raise DatasetError(
+            f"{csv_path}: empty path or label on line(s) {_list_more(blank_rows)}"
+        )
+    if missing_files:
+        raise DatasetError(
+            f"{csv_path}: {len(missing_files)} listed file(s) do not exist: "
+            f"{_list_more(missing_files)}"
+        )
+    return samples
+
+
+def _resolve(base: Path, rel: str) -> Path:
+    p = Path(rel)
+    return p if p.is_absolute() else base / p
+
+
+def list_image_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand files and folders (recursively) into a sorted, de-duplicated file list.
+
+    Folder contents are filtered by :func:`is_image_file`; a file named
+    explicitly is always kept so the reader can say why it is unusable.
+    """
+    found: set[Path] = set()
+    for item in paths:
+        p = Path(item)
+        if p.is_dir():
+            found.update(_walk_images(p))
+        else:
+            found.add(p)
+    return sorted(found)
+
+
+def _stderr_warn(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def read_images_safely(
+    paths: Iterable[str | Path],
+    strict: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> tuple[list[tuple[Path, np.ndarray]], list[ImageReadError]]:
+    """Read every path, collecting unreadable ones instead of stopping.
+
+    Each skipped file produces one ``"skipped PATH: reason"`` line via ``warn``
+    (stderr by default); ``strict=True`` raises the first error instead.
+    """
+    say = warn if warn is not None else _stderr_warn
+    images: list[tuple[Path, np.ndarray]] = []
+    errors: list[ImageReadError] = []
+    for item in paths:
+        p = Path(item)
+        try:
+            images.append((p, read_image(p)))
+        except ImageReadError as err:
+            if strict:
+                raise
+            errors.append(err)
+            say(f"skipped {err.path}: {err.reason}")
+    return images, errors

@@ -1,0 +1,59 @@
+"""Confusion matrix and ROC plots, labelled with class names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+
+def _save(fig: "plt.Figure", path: str | Path) -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_confusion_matrix(cm: Sequence[Sequence[int]], classes: Sequence[str], path: str | Path,
+                          title: str = "Confusion matrix") -> Path:
+    cm = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(classes), 1.2 + 1.2 * len(classes)))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    threshold = cm.max() / 2 if cm.size else 0
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > threshold else "black")
+    return _save(fig, path)
+
+
+def plot_roc(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str], path: str | Path) -> Path:
+    y_true = np.asarray(y_true)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for i, name in enumerate(classes):
+        truth = (y_true == i).astype(int)
+        if truth.min() == truth.max():
+            continue
+        fpr, tpr, _ = roc_curve(truth, probs[:, i])
+        from sklearn.metrics import auc
+
+        ax.plot(fpr, tpr, label=f"{name} (AUC {auc(fpr, tpr):.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set_xlabel("false positive rate (1 - specificity)")
+    ax.set_ylabel("true positive rate (sensitivity)")
+    ax.set_title("ROC, one class vs rest")
+    ax.legend(loc="lower right")
+    return _save(fig, path)

@@ -1,0 +1,128 @@
+"""Fitting a head on cached feature maps (the default) with early stopping on validation loss."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from cxrnn.training.config import TrainConfig
+
+EpochCallback = Callable[[dict], None]
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_loss: float = math.inf
+    seconds: float = 0.0
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "rmsprop":
+        # Keras RMSprop defaults: rho 0.9, eps 1e-7 (PyTorch's alpha is Keras' rho)
+        return torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.9, eps=1e-7, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+def lr_at(epoch: int, cfg: TrainConfig) -> float:
+    """Learning rate of a 0-based epoch; 'exponential' is the seed's lr * decay**epoch."""
+    if cfg.lr_schedule == "exponential":
+        return cfg.lr * cfg.lr_decay**epoch
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / max(1, cfg.epochs)))
+    return cfg.lr
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    return list(order.split(batch_size))
+
+
+def evaluate_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    model.eval()
+    with torch.inference_mode():
+        return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else x.new_zeros((0,))
+
+
+def fit_head(
+    head: nn.Module,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    cfg: TrainConfig,
+    seed: int,
+    on_epoch: EpochCallback | None = None,
+) -> FitResult:
+    """Train ``head`` in place on feature maps; it ends holding the weights of the best validation loss."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train).long()
+    xv, yv = torch.from_numpy(x_val), torch.from_numpy(y_val).long()
+    has_val = len(xv) > 0
+    loss_fn = nn.CrossEntropyLoss()
+    optimizer = make_optimizer(head.parameters(), cfg)
+    result = FitResult()
+    best_state = copy.deepcopy(head.state_dict())
+    stale = 0
+    start = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        lr = lr_at(epoch, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        head.train()
+        total_loss, correct, seen = 0.0, 0, 0
+        for idx in _batches(len(xt), cfg.batch_size, generator):
+            if len(idx) < 2 and any(isinstance(m, nn.BatchNorm1d) for m in head.modules()):
+                continue  # BatchNorm cannot train on a batch of one
+            logits = head(xt[idx])
+            loss = loss_fn(logits, yt[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == yt[idx]).sum())
+            seen += len(idx)
+        row = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": total_loss / max(1, seen),
+            "train_acc": correct / max(1, seen),
+        }
+        if has_val:
+            logits = evaluate_logits(head, xv)
+            row["val_loss"] = float(loss_fn(logits, yv))
+            row["val_acc"] = float((logits.argmax(1) == yv).float().mean())
+            monitored = row["val_loss"]
+        else:
+            monitored = row["train_loss"]
+        row["seconds"] = time.perf_counter() - start
+        result.history.append(row)
+        if monitored < result.best_val_loss - 1e-6:
+            result.best_val_loss = monitored
+            result.best_epoch = epoch + 1
+            best_state = copy.deepcopy(head.state_dict())
+            stale = 0
+        else:
+            stale += 1
+        if on_epoch:
+            on_epoch(row)
+        if cfg.patience and stale >= cfg.patience:
+            break
+    head.load_state_dict(best_state)
+    head.eval()
+    result.seconds = time.perf_counter() - start
+    return result
