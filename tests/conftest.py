@@ -1,0 +1,41 @@
+"""Shared fixtures: one small phantom and one trained model per test session, reused by every area.
+
+The feature cache points into the session's temp folder so tests never touch ~/.cache and a second
+run inside the session can observe cache reuse.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("feature-cache")
+    os.environ["CXRNN_CACHE_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small phantom: 30 images per class at 128 px (seed 3)."""
+    from cxrnn.data.phantom import PhantomConfig, generate_phantom
+
+    root = tmp_path_factory.mktemp("phantom")
+    generate_phantom(root, PhantomConfig(per_class=30, size=128, seed=3))
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(phantom_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """EfficientNet-Lite0 (offline ImageNet weights) + LSTM head trained on ``phantom_dir``."""
+    from cxrnn.training.config import TrainConfig
+    from cxrnn.training.trainer import train
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = TrainConfig(data=str(phantom_dir), backbone="efficientnet_lite0", head="lstm", weights="imagenet",
+                      out=str(out), epochs=40, batch_size=16, patience=0, cache_dir=str(cache_dir), seed=0)
+    return train(cfg)
