@@ -56,6 +56,15 @@ def train(
     freeze_rnn: Optional[bool] = typer.Option(None, "--freeze-rnn", help="Keep the paper head's LSTM at random init, as the seed did."),
     cache_dir: Optional[str] = typer.Option(None, help="Feature cache folder (default ~/.cache/cxrnn/features)."),
     strict: Optional[bool] = typer.Option(None, "--strict", help="Stop at the first unreadable file."),
+    bootstrap: Optional[int] = typer.Option(None, help="Bootstrap resamples for 95% intervals (default 1000, 0: none)."),
+    dedup: Optional[bool] = typer.Option(None, "--dedup/--no-dedup", help="Keep exact/near-duplicate images on one side of every split (default on)."),
+    near_duplicate_threshold: Optional[int] = typer.Option(None, help="pHash bits (of 256) for near-duplicates (default 12)."),
+    leave_one_source_out: Optional[bool] = typer.Option(None, "--leave-one-source-out", help="Also evaluate each source held out in turn."),
+    device: Optional[str] = typer.Option(None, help="cpu (default) or cuda; under torchrun each process uses its local GPU."),
+    precision: Optional[str] = typer.Option(None, help="fp32 (default) or bf16 autocast for extraction and training."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader processes decoding images (default 0: in process)."),
+    image_cache: Optional[str] = typer.Option(None, help="Folder caching decoded images at the input size."),
+    feature_dtype: Optional[str] = typer.Option(None, help="float32 (default) or float16 feature store."),
 ) -> None:
     """Train a CNN->RNN model; writes config.yaml, model.pt, history.csv, metrics.json, plots, report.md."""
     from cxrnn.training.config import resolve_config
@@ -64,7 +73,10 @@ def train(
     values = dict(data=data, backbone=backbone, head=head, weights=weights, out=out, seed=seed,
                   test_size=test_size, val_size=val_size, folds=folds, group_by=group_by, optimizer=optimizer,
                   lr=lr, lr_schedule=lr_schedule, epochs=epochs, batch_size=batch_size, patience=patience,
-                  finetune=finetune, freeze_rnn=freeze_rnn, cache_dir=cache_dir, strict=strict)
+                  finetune=finetune, freeze_rnn=freeze_rnn, cache_dir=cache_dir, strict=strict,
+                  bootstrap=bootstrap, dedup=dedup, near_duplicate_threshold=near_duplicate_threshold,
+                  leave_one_source_out=leave_one_source_out, device=device, precision=precision, workers=workers,
+                  image_cache=image_cache, feature_dtype=feature_dtype)
     try:
         cfg = resolve_config(values, config, preset)
         if not cfg.data:
@@ -73,6 +85,10 @@ def train(
             result = run_train(cfg, progress=bars, log=log)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc))
+    from cxrnn import distributed
+
+    if not distributed.info().is_main:
+        return  # under torchrun, rank 0 reports
     print_metrics(result.metrics, title=f"test split: {cfg.backbone} + {cfg.head}")
     out_console.print(f"run directory: {result.run_dir}  (model: {result.model_path})")
 
@@ -98,6 +114,10 @@ def evaluate(
     for err in result.errors:
         warn(f"skipped {err}")
     out_dir = out or model.parent / "eval"
+    from cxrnn.evaluation.honest import add_uncertainty
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    add_uncertainty(result.metrics, result.y_true, result.probs, bundle.classes, out_dir, n_boot=1000)
     write_evaluation(out_dir, result.y_true, result.probs, bundle.classes, result.paths, result.metrics)
     print_metrics(result.metrics, title=f"evaluation on {data}")
     out_console.print(f"wrote {out_dir / 'metrics.json'}")
@@ -110,13 +130,18 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per image on stdout."),
     batch_size: int = typer.Option(16),
     strict: bool = typer.Option(False, "--strict", help="Exit with an error at the first unreadable file."),
+    runtime: str = typer.Option("torch", help="torch or onnx (onnxruntime; the model is exported on the fly)."),
+    device: str = typer.Option("cpu", help="cpu or cuda (torch runtime)."),
+    precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast; torch runtime)."),
+    cam: Optional[Path] = typer.Option(None, "--cam", help="Also write Grad-CAM maps (overlay, panel, .npy) to this folder."),
 ) -> None:
     """Classify images: the label and every class probability per image."""
     from cxrnn.data.dataset import list_image_files
     from cxrnn.predict import Predictor
 
     try:
-        predictor = Predictor.from_file(model, batch_size=batch_size)
+        predictor = Predictor.from_file(model, batch_size=batch_size, runtime=runtime, device=device,
+                                        precision=precision)
         files = list_image_files(paths)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
@@ -135,9 +160,14 @@ def predict(
                 warn(f"skipped {p.error}")
             else:
                 probs = "  ".join(f"{c} {v:.3f}" for c, v in p.probabilities.items())  # type: ignore[union-attr]
-                out_console.print(f"{p.path}: [bold]{p.label}[/bold]  ({probs})", highlight=False)
+                flag = ("  [bold red]OUT OF DISTRIBUTION[/bold red]" if p.ood["flagged"] else "") if p.ood else ""
+                out_console.print(f"{p.path}: [bold]{p.label}[/bold]  ({probs}){flag}", highlight=False)
     if failures:
         console.print(f"{failures} of {len(files)} file(s) could not be read", highlight=False)
+    if cam is not None:
+        from cxrnn.cli.explain import write_cam_dir
+
+        write_cam_dir(predictor.bundle, files, cam, batch_size=min(batch_size, 8), quiet=True)
 
 
 @app.command()

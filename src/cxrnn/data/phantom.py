@@ -58,13 +58,13 @@ PHANTOM_VERSION = "1.0"
 # ---------------------------------------------------------------------------------------
 LESION_PARAMS: dict[str, dict[str, tuple[float, float]]] = {
     "pneumonia": {
-        "strength": (0.05, 0.20),      # peak added attenuation of the consolidation
-        "radius": (0.07, 0.16),        # blob radius, in half-image units
+        "strength": (0.10, 0.30),      # peak added attenuation of the consolidation
+        "radius": (0.08, 0.17),        # blob radius, in half-image units
         "lower_zone_p": (0.6, 0.6),    # probability of the lower zone (else mid / upper)
     },
     "covid": {
-        "strength": (0.03, 0.10),      # ground glass: fainter than consolidation
-        "radius": (0.045, 0.10),
+        "strength": (0.06, 0.16),      # ground glass: fainter than consolidation
+        "radius": (0.05, 0.11),
         "patches": (1, 4),             # patches per lung (inclusive)
     },
 }
@@ -393,7 +393,9 @@ def _blob(
         ou, ov = (float(t) for t in rng.normal(0, radius * 0.45, 2))
         rl = radius * rng.uniform(0.6, 1.0)
         f = np.maximum(f, np.exp(-(((u - cu - ou) ** 2 + (v - cv - ov) ** 2) / (2 * rl * rl))))
-    return f
+    # Cut the Gaussian tails to exactly zero so a lesion changes only its neighbourhood
+    # (the lesion=False counterfactual is then bit-identical elsewhere).
+    return np.maximum(f - 0.01, 0) * (1 / 0.99)
 
 
 _Patch = tuple[tuple[slice, slice], np.ndarray, float]
@@ -445,7 +447,9 @@ def _lesion(rng: np.random.Generator, label: str, anat: dict[str, np.ndarray], d
         f = _blob(uu, vv, float(u[iy, ix]), float(v[iy, ix]), radius, rng, int(rng.integers(2, 5)))
         # Consolidation is fairly homogeneous: saturate the blob into a plateau with soft
         # margins, with only mild internal texture (occasional air bronchograms).
-        f = _soft(f - 0.45, 0.12) * (0.92 + 0.08 * np.clip(tex[win], -2, 2) / 2)
+        floor = float(_soft(np.float32(-0.45), 0.12))
+        plateau = np.maximum(_soft(f - 0.45, 0.12) - floor, 0) * (1 / (1 - floor))
+        f = plateau * (0.92 + 0.08 * np.clip(tex[win], -2, 2) / 2)
         if rng.random() < 0.35:
             # A fissure gives a lobar consolidation one sharp, straight border.
             fa = rng.uniform(-0.3, 0.3)
@@ -567,7 +571,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def _png_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(arr, mode="L").save(buf, format="PNG", compress_level=4)
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)  # speed over a few % of disk
     return buf.getvalue()
 
 

@@ -363,6 +363,13 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
         for k, v in state.items()
         if not (k.startswith(classifier_prefixes) and k in expected and v.shape != expected[k].shape)
     )
+    mismatched = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if mismatched:
+        k = mismatched[0]
+        raise ValueError(
+            f"{path}: does not fit backbone '{type(model).__name__}': {len(mismatched)} tensors of the wrong shape, "
+            f"e.g. {k} is {tuple(state[k].shape)}, the model needs {tuple(expected[k].shape)}"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(classifier_prefixes)]
     if missing:

@@ -42,6 +42,13 @@ class TrainConfig:
     extract_batch_size: int = 16
     strict: bool = False
     device: str = "cpu"
+    bootstrap: int = 1000  # bootstrap resamples for the test metrics' 95% intervals (0: none)
+    dedup: bool = True  # keep exact and near-duplicate images on one side of every split
+    near_duplicate_threshold: int = 12  # pHash bits (of 256) within which two images count as copies
+    leave_one_source_out: bool = False  # also train on all sources but one and test on that one, for each
+    precision: str = "fp32"  # fp32 or bf16 (autocast) for extraction, training and the saved model's default
+    workers: int = 0  # DataLoader processes decoding images
+    image_cache: str | None = None  # folder for decoded images resized to the input size (reused across runs)
 
     def validate(self) -> "TrainConfig":
         if self.optimizer not in OPTIMIZERS:
@@ -54,6 +61,8 @@ class TrainConfig:
             raise ValueError("val_size must be in [0, 1)")
         if self.folds == 1 or self.folds < 0:
             raise ValueError("folds must be 0 (no k-fold) or >= 2")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs, batch_size and lr must be positive")
         return self

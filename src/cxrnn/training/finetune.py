@@ -1,6 +1,9 @@
 """``--finetune``: train backbone and head end to end on images, with train-time rotation.
 
-Slower than the cached-feature path (every epoch runs the backbone), so it is opt-in. The backbone's
+Slower than the cached-feature path (every epoch runs the backbone), so it is opt-in. Under torchrun
+it trains with DistributedDataParallel: a DistributedSampler gives each process its share of every
+global batch (``batch_size`` is the global batch, split across processes), gradients are averaged, and
+validation/test predictions are gathered so every process makes the same early-stopping decision. The backbone's
 BatchNorm layers keep their ImageNet statistics: batches of 16 chest X-rays are too small and too
 uniform to re-estimate them.
 """
@@ -15,12 +18,10 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
 from cxrnn.data.dataset import Dataset
-from cxrnn.data.io import ImageReadError, read_image
 from cxrnn.data.splits import train_val_test_split
 from cxrnn.evaluation.evaluate import write_evaluation
 from cxrnn.evaluation.metrics import compute_metrics
@@ -29,24 +30,43 @@ from cxrnn.models.backbones import create_backbone
 from cxrnn.models.bundle import ModelBundle, build_network, save_bundle
 from cxrnn.models.preprocess import to_input_tensor
 from cxrnn.training.config import TrainConfig
+from cxrnn import distributed, runtime
 from cxrnn.training.loop import FitResult, lr_at, make_optimizer
 
 
-def _load_resized(dataset: Dataset, size: int, strict: bool, log: Callable[[str], None]):
+def _load_resized(dataset: Dataset, prep, strict: bool, log: Callable[[str], None], workers: int = 0,
+                  image_cache: str | None = None):
+    """Every readable image at the input size (decoded in ``workers`` processes, optionally cached)."""
+    from cxrnn.data.loading import DecodedImageCache, ImageFiles, image_loader
+    from cxrnn.features import file_digest
+
+    paths = [s.path for s in dataset.samples]
+    cache = DecodedImageCache(image_cache) if image_cache else None
+    digests = None
+    if cache is not None:
+        digests = []
+        for p in paths:
+            try:
+                digests.append(file_digest(p))
+            except OSError:
+                digests.append(None)  # the reader reports the file below
     images, kept, errors = [], [], []
-    for i, sample in enumerate(dataset.samples):
-        try:
-            image = read_image(sample.path)
-        except ImageReadError as err:
-            if strict:
-                raise
-            log(f"skipped {err}")
-            errors.append(str(err))
-            continue
-        t = torch.from_numpy(image)[None, None]
-        images.append(F.interpolate(t, size=(size, size), mode="bilinear", antialias=True)[0, 0].numpy())
-        kept.append(i)
+    for batch in image_loader(ImageFiles(paths, prep, digests=digests, cache=cache), 16, workers):
+        for item in batch:
+            if item.error is not None:
+                if strict:
+                    raise item.error
+                log(f"skipped {item.error}")
+                errors.append(str(item.error))
+                continue
+            images.append(item.image)
+            kept.append(item.index)
     return images, kept, errors
+
+
+def _augment(image: np.ndarray, max_degrees: float, seed: int, epoch: int, index: int) -> np.ndarray:
+    # one generator per (seed, epoch, image): the same image gets the same rotation in any process layout
+    return _rotate(image, max_degrees, np.random.default_rng([seed, epoch, index]))
 
 
 def _rotate(image: np.ndarray, max_degrees: float, rng: np.random.Generator) -> np.ndarray:
@@ -63,22 +83,42 @@ def _set_train_mode(net: nn.Module) -> None:
             module.eval()
 
 
-def _predict(net: nn.Module, images: list[np.ndarray], prep, batch_size: int = 32) -> torch.Tensor:
+def _predict(net: nn.Module, images: list[np.ndarray], prep, batch_size: int = 32, device: str = "cpu",
+             precision: str = "fp32") -> torch.Tensor:
+    """Float32 CPU logits; under torchrun each process predicts a share and the shares are gathered."""
+    info = distributed.info()
+    dev = runtime.resolve_device(device)
+    mine = list(range(info.rank, len(images), info.world_size))
     net.eval()
     out = []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            out.append(net(to_input_tensor(images[start : start + batch_size], prep)))
-    return torch.cat(out) if out else torch.zeros((0, 0))
+    with torch.inference_mode(), runtime.autocast(dev, precision):
+        for start in range(0, len(mine), batch_size):
+            x = to_input_tensor([images[i] for i in mine[start : start + batch_size]], prep)
+            out.append(net(runtime.to_device_input(x, dev)).float().cpu())
+    logits = torch.cat(out) if out else torch.zeros((0, 0))
+    if not info.enabled:
+        return logits
+    parts = distributed.all_gather_objects((mine, logits.numpy()))
+    merged = [None] * len(images)
+    for positions, values in parts:
+        for pos, row in zip(positions, values):
+            merged[pos] = row
+    return torch.from_numpy(np.stack(merged)) if images else logits
 
 
 def train_finetune(cfg: TrainConfig, dataset: Dataset, run_dir: Path, progress=None, log=None):
     from cxrnn.training.trainer import TrainResult, _data_summary, _write_history, group_array
 
     log = log or (lambda msg: None)
+    dist_info = distributed.setup(runtime.resolve_device(cfg.device))
+    device = distributed.local_device(runtime.resolve_device(cfg.device))
+    world = dist_info.world_size
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must be a multiple of the "
+                         f"{world} processes")
     backbone = create_backbone(cfg.backbone, cfg.weights, seed=cfg.seed)
     prep = backbone.preprocessing
-    images, kept, skipped = _load_resized(dataset, prep.input_size, cfg.strict, log)
+    images, kept, skipped = _load_resized(dataset, prep, cfg.strict, log, cfg.workers, cfg.image_cache)
     labels = dataset.labels()[kept]
     groups = group_array(dataset, cfg.group_by)
     groups = groups[kept] if groups is not None else None
@@ -91,9 +131,20 @@ def train_finetune(cfg: TrainConfig, dataset: Dataset, run_dir: Path, progress=N
     torch.manual_seed(cfg.seed)
     net, hw = build_network(backbone, cfg.head, len(dataset.classes), head_options)
     backbone.requires_grad_(True)
+    runtime.prepare_module(net, device)
+    model: nn.Module = net
+    if dist_info.enabled:
+        if device.type == "cuda":  # batch statistics over the global batch, as one process would see them
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        # the timm model's own classifier sits after forward_features and never gets a gradient
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    find_unused_parameters=True)
     optimizer = make_optimizer(net.parameters(), cfg)
     loss_fn = nn.CrossEntropyLoss()
-    rng = np.random.default_rng(cfg.seed)
+    # the same global batches in any process layout: one permutation per epoch, each process a strided share
+    sampler = torch.utils.data.distributed.DistributedSampler(
+        split.train, num_replicas=world, rank=dist_info.rank, shuffle=True, seed=cfg.seed)
+    local_batch = cfg.batch_size // world
     result = FitResult()
     best_state = copy.deepcopy(net.state_dict())
     stale = 0
@@ -104,25 +155,28 @@ def train_finetune(cfg: TrainConfig, dataset: Dataset, run_dir: Path, progress=N
         for group in optimizer.param_groups:
             group["lr"] = lr
         _set_train_mode(net)
-        order = rng.permutation(split.train)
+        sampler.set_epoch(epoch)
+        order = split.train[np.fromiter(iter(sampler), dtype=np.int64)]
         total, correct, seen = 0.0, 0, 0
-        for b in range(0, len(order), cfg.batch_size):
-            idx = order[b : b + cfg.batch_size]
-            if len(idx) < 2:
-                continue
-            x = to_input_tensor([_rotate(images[i], cfg.rotation, rng) for i in idx], prep)
-            y = torch.from_numpy(labels[idx]).long()
-            logits = net(x)
-            loss = loss_fn(logits, y)
+        for b in range(0, len(order), local_batch):
+            idx = order[b : b + local_batch]
+            if len(idx) < 2 and cfg.batch_size > 1:
+                continue  # BatchNorm in the head cannot train on one image (same on every process)
+            x = to_input_tensor([_augment(images[i], cfg.rotation, cfg.seed, epoch, int(i)) for i in idx], prep)
+            y = torch.from_numpy(labels[idx]).long().to(device)
+            with runtime.autocast(device, cfg.precision):
+                logits = model(runtime.to_device_input(x, device)).float()
+                loss = loss_fn(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(idx)
+        total, correct, seen = distributed.all_reduce_sum([total, correct, seen])
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": total / max(1, seen), "train_acc": correct / max(1, seen)}
         if len(split.val):
-            logits = _predict(net, [images[i] for i in split.val], prep)
+            logits = _predict(net, [images[i] for i in split.val], prep, device=str(device), precision=cfg.precision)
             row["val_loss"] = float(loss_fn(logits, y_val))
             row["val_acc"] = float((logits.argmax(1) == y_val).float().mean())
         monitored = row.get("val_loss", row["train_loss"])
@@ -139,7 +193,12 @@ def train_finetune(cfg: TrainConfig, dataset: Dataset, run_dir: Path, progress=N
             break
     net.load_state_dict(best_state)
     net.eval()
-    test_probs = torch.softmax(_predict(net, [images[i] for i in split.test], prep), dim=1).numpy()
+    test_logits = _predict(net, [images[i] for i in split.test], prep, device=str(device), precision=cfg.precision)
+    net.to("cpu")
+    test_probs = torch.softmax(test_logits, dim=1).numpy()
+    if not dist_info.is_main:  # rank 0 writes the run; the others only helped train
+        return TrainResult(run_dir=run_dir, model_path=run_dir / "model.pt", metrics={}, history=result.history,
+                           timings={"fit_s": time.perf_counter() - start}, skipped=skipped)
     classes = dataset.classes
     metrics = compute_metrics(labels[split.test], test_probs, classes)
     metrics["split"] = {"train": int(len(split.train)), "val": int(len(split.val)), "test": int(len(split.test)),
@@ -152,6 +211,11 @@ def train_finetune(cfg: TrainConfig, dataset: Dataset, run_dir: Path, progress=N
                          config=cfg.to_dict(),
                          metrics={k: metrics[k] for k in ("n", "accuracy", "macro_f1", "macro_auc")},
                          extras={"training_data": _data_summary(dataset, labels, split)})
+    from cxrnn.ood import fine_tuned_ood_extras
+
+    ood = fine_tuned_ood_extras(net, [images[i] for i in np.concatenate([split.train, split.val])], prep, log)
+    if ood is not None:
+        bundle.extras["ood"] = ood
     model_path = save_bundle(bundle, run_dir / "model.pt")
     _write_history(run_dir / "history.csv", result.history)
     out = TrainResult(run_dir=run_dir, model_path=model_path, metrics=metrics, history=result.history,

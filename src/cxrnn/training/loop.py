@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxrnn import runtime
+from cxrnn.feature_matrix import FeatureRows
 from cxrnn.training.config import TrainConfig
 
 EpochCallback = Callable[[dict], None]
@@ -57,21 +59,41 @@ def evaluate_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) ->
         return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else x.new_zeros((0,))
 
 
+def rows_logits(model: nn.Module, rows, batch_size: int = 256, device: str = "cpu",
+                precision: str = "fp32") -> torch.Tensor:
+    """Float32 CPU logits for feature rows (array, memmap or FeatureRows), read one batch at a time."""
+    rows = rows if isinstance(rows, FeatureRows) else FeatureRows(rows)
+    dev = runtime.resolve_device(device)
+    model.eval()
+    out = []
+    with torch.inference_mode(), runtime.autocast(dev, precision):
+        for batch in rows.batches(batch_size):
+            out.append(model(torch.from_numpy(batch).to(dev)).float().cpu())
+    return torch.cat(out) if out else torch.zeros((0, 0))
+
+
 def fit_head(
     head: nn.Module,
-    x_train: np.ndarray,
+    x_train,
     y_train: np.ndarray,
-    x_val: np.ndarray,
+    x_val,
     y_val: np.ndarray,
     cfg: TrainConfig,
     seed: int,
     on_epoch: EpochCallback | None = None,
 ) -> FitResult:
-    """Train ``head`` in place on feature maps; it ends holding the weights of the best validation loss."""
+    """Train ``head`` in place on feature maps; it ends holding the weights of the best validation loss.
+
+    ``x_train``/``x_val`` are arrays, memmaps or lazy ``FeatureRows``: only one batch is in RAM at a time.
+    """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train).long()
-    xv, yv = torch.from_numpy(x_val), torch.from_numpy(y_val).long()
+    device = runtime.resolve_device(getattr(cfg, "device", "cpu"))
+    precision = getattr(cfg, "precision", "fp32")
+    head.to(device)
+    xt = x_train if isinstance(x_train, FeatureRows) else FeatureRows(x_train)
+    xv = x_val if isinstance(x_val, FeatureRows) else FeatureRows(x_val)
+    yt, yv = torch.from_numpy(y_train).long().to(device), torch.from_numpy(y_val).long()
     has_val = len(xv) > 0
     loss_fn = nn.CrossEntropyLoss()
     optimizer = make_optimizer(head.parameters(), cfg)
@@ -88,8 +110,9 @@ def fit_head(
         for idx in _batches(len(xt), cfg.batch_size, generator):
             if len(idx) < 2 and any(isinstance(m, nn.BatchNorm1d) for m in head.modules()):
                 continue  # BatchNorm cannot train on a batch of one
-            logits = head(xt[idx])
-            loss = loss_fn(logits, yt[idx])
+            with runtime.autocast(device, precision):
+                logits = head(torch.from_numpy(xt[idx.numpy()]).to(device))
+                loss = loss_fn(logits.float(), yt[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -103,7 +126,7 @@ def fit_head(
             "train_acc": correct / max(1, seen),
         }
         if has_val:
-            logits = evaluate_logits(head, xv)
+            logits = rows_logits(head, xv, device=str(device), precision=precision)
             row["val_loss"] = float(loss_fn(logits, yv))
             row["val_acc"] = float((logits.argmax(1) == yv).float().mean())
             monitored = row["val_loss"]
@@ -123,6 +146,6 @@ def fit_head(
         if cfg.patience and stale >= cfg.patience:
             break
     head.load_state_dict(best_state)
-    head.eval()
+    head.to("cpu").eval()
     result.seconds = time.perf_counter() - start
     return result

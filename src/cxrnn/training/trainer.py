@@ -20,13 +20,15 @@ import torch
 from cxrnn.data.dataset import Dataset, load_dataset
 from cxrnn.data.splits import kfold, train_val_test_split
 from cxrnn.evaluation.evaluate import atomic_write_text, write_evaluation
+from cxrnn.evaluation.honest import add_uncertainty, calibrate, head_logits, leave_one_source_out, report_sections, split_groups
 from cxrnn.evaluation.metrics import compute_metrics
 from cxrnn.evaluation.report import write_report
+from cxrnn.feature_matrix import FeatureRows
 from cxrnn.features import FeatureStore
 from cxrnn.models.backbones import create_backbone
 from cxrnn.models.bundle import ModelBundle, build_network, save_bundle
 from cxrnn.training.config import TrainConfig
-from cxrnn.training.loop import evaluate_logits, fit_head
+from cxrnn.training.loop import evaluate_logits, fit_head, rows_logits
 
 # (stage, done, total) -> None; stages: "extract", "epoch", "fold"
 Progress = Callable[[str, int, int], None]
@@ -76,7 +78,8 @@ def train(cfg: TrainConfig, progress: Progress | None = None, log: Log | None = 
 
     t0 = time.perf_counter()
     backbone = create_backbone(cfg.backbone, cfg.weights, seed=cfg.seed)
-    store = FeatureStore(backbone, cfg.cache_dir, dtype=cfg.feature_dtype)
+    store = FeatureStore(backbone, cfg.cache_dir, dtype=cfg.feature_dtype, precision=cfg.precision,
+                         device=cfg.device, workers=cfg.workers, image_cache=cfg.image_cache)
     extracted = store.extract(
         [s.path for s in dataset.samples],
         batch_size=cfg.extract_batch_size,
@@ -85,6 +88,10 @@ def train(cfg: TrainConfig, progress: Progress | None = None, log: Log | None = 
         warn=lambda msg: log(msg),
     )
     timings["extract_s"] = time.perf_counter() - t0
+    from cxrnn import distributed
+
+    if not distributed.info().is_main:  # under torchrun the others helped extract; rank 0 trains the head
+        return TrainResult(run_dir, run_dir / "model.pt", {}, [], timings=timings)
     if extracted.errors:
         log(f"skipped {len(extracted.errors)} unreadable file(s)")
     kept = extracted.kept
@@ -93,6 +100,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None, log: Log | None = 
     groups = group_array(dataset, cfg.group_by)
     groups = groups[kept] if groups is not None else None
     paths = [str(dataset.samples[i].path) for i in kept]
+    groups, dedup_info = split_groups(paths, groups, cfg.dedup, cfg.near_duplicate_threshold, cfg.cache_dir, log)
 
     split = train_val_test_split(labels, cfg.test_size, 0.0 if cfg.folds else cfg.val_size, cfg.seed, groups)
     hw = (features.shape[-2], features.shape[-1])
@@ -121,10 +129,10 @@ def train(cfg: TrainConfig, progress: Progress | None = None, log: Log | None = 
         rest = np.concatenate([split.train, split.val])
         for k, (tr, va) in enumerate(kfold(labels, rest, cfg.folds, cfg.seed, groups)):
             net = new_network(cfg.seed + k)  # every fold starts fresh: no warm start across folds
-            fit = fit_head(net.head, features[tr], labels[tr], features[va], labels[va], cfg, cfg.seed + k,
-                           on_epoch=epoch_progress)
-            val_probs = _probs(net.head, features[va])
-            test_probs = _probs(net.head, features[split.test])
+            fit = fit_head(net.head, FeatureRows(features, tr), labels[tr], FeatureRows(features, va), labels[va],
+                           cfg, cfg.seed + k, on_epoch=epoch_progress)
+            val_probs = _probs(net.head, FeatureRows(features, va))
+            test_probs = _probs(net.head, FeatureRows(features, split.test))
             row = {
                 "fold": k + 1,
                 "n_train": int(len(tr)),
@@ -140,19 +148,28 @@ def train(cfg: TrainConfig, progress: Progress | None = None, log: Log | None = 
                 progress("fold", k + 1, cfg.folds)
             if best is None or fit.best_val_loss < best[1].best_val_loss:
                 best = (net, fit, k + 1)
+                calibration_idx = va  # the kept fold's validation part fits the temperature
         net, fit, best_fold = best  # type: ignore[misc]
         log(f"kept fold {best_fold} (lowest validation loss) as the model")
     else:
         net = new_network(cfg.seed)
-        fit = fit_head(net.head, features[split.train], labels[split.train], features[split.val],
-                       labels[split.val], cfg, cfg.seed, on_epoch=epoch_progress)
+        fit = fit_head(net.head, FeatureRows(features, split.train), labels[split.train],
+                       FeatureRows(features, split.val), labels[split.val], cfg, cfg.seed, on_epoch=epoch_progress)
+        calibration_idx = split.val
     timings["fit_s"] = time.perf_counter() - t0
 
-    test_probs = _probs(net.head, features[split.test])
+    temperature, uncalibrated, test_probs, calibration = calibrate(
+        head_logits(net.head, features, calibration_idx), labels[calibration_idx],
+        head_logits(net.head, features, split.test), labels[split.test])
     test_paths = [paths[i] for i in split.test]
     metrics = compute_metrics(labels[split.test], test_probs, classes)
     metrics["split"] = {"train": int(len(split.train)), "val": int(len(split.val)), "test": int(len(split.test)),
-                        "seed": cfg.seed, "group_by": cfg.group_by}
+                        "seed": cfg.seed, "group_by": cfg.group_by, **dedup_info}
+    metrics["calibration"] = calibration
+    add_uncertainty(metrics, labels[split.test], test_probs, classes, run_dir, cfg.bootstrap, cfg.seed, uncalibrated)
+    if cfg.leave_one_source_out:
+        metrics["leave_one_source_out"] = leave_one_source_out(
+            [dataset.samples[i].source for i in kept], labels, features, groups, cfg, new_network, classes, log)
     if fold_rows:
         metrics["folds"] = fold_rows
         metrics["cv"] = _fold_stats(fold_rows)
@@ -168,9 +185,16 @@ def train(cfg: TrainConfig, progress: Progress | None = None, log: Log | None = 
         head_options=head_options,
         feature_hw=hw,
         config=cfg.to_dict(),
+        temperature=temperature,
         metrics={k: metrics[k] for k in ("n", "accuracy", "macro_f1", "macro_auc") if k in metrics},
         extras={"training_data": _data_summary(dataset, labels, split)},
     )
+    from cxrnn.ood import ood_extras
+
+    # The gate's statistics come from every image the model was fitted on, never from the test split.
+    ood = ood_extras(features, np.concatenate([split.train, split.val]), log)
+    if ood is not None:
+        bundle.extras["ood"] = ood
     model_path = save_bundle(bundle, run_dir / "model.pt")
     _write_history(run_dir / "history.csv", fit.history)
     result = TrainResult(
@@ -183,12 +207,13 @@ def train(cfg: TrainConfig, progress: Progress | None = None, log: Log | None = 
         cache={"cached": extracted.n_cached, "computed": extracted.n_computed},
         skipped=[str(e) for e in extracted.errors],
     )
-    write_report(run_dir, cfg, result)
+    write_report(run_dir, cfg, result, extra_sections=report_sections(metrics))
     return result
 
 
-def _probs(head: torch.nn.Module, features: np.ndarray) -> np.ndarray:
-    logits = evaluate_logits(head, torch.from_numpy(features))
+def _probs(head: torch.nn.Module, features) -> np.ndarray:
+    """Class probabilities for feature maps (array or lazy FeatureRows), computed batch by batch."""
+    logits = rows_logits(head, features)
     return torch.softmax(logits, dim=1).numpy() if len(features) else np.zeros((0, 0))
 
 

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cxrnn.models.heads import HEADS, ReluLSTM, create_head, feature_map_to_sequence
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_every_head_maps_a_feature_map_to_class_logits(name: str) -> None:
+    opts = {"lstm_units": 16, "dense": [32, 32]} if name == "paper" else {}
+    head = create_head(name, in_channels=24, steps=3 * 3, num_classes=3, **opts).eval()
+    out = head(torch.randn(4, 24, 3, 3))
+    assert out.shape == (4, 3)
+    assert torch.isfinite(out).all()
+
+
+def test_sequence_is_row_major_over_the_map() -> None:
+    fmap = torch.arange(2 * 2 * 3, dtype=torch.float32).view(1, 2, 2, 3)  # C=2, H=2, W=3
+    seq = feature_map_to_sequence(fmap)
+    assert seq.shape == (1, 6, 2)
+    assert seq[0, 1].tolist() == [1.0, 7.0]  # step 1 = (row 0, col 1), both channels
+
+
+def test_relu_lstm_outputs_are_non_negative_and_depend_on_order() -> None:
+    lstm = ReluLSTM(5, 7)
+    seq = torch.randn(2, 6, 5)
+    out = lstm(seq)
+    assert out.shape == (2, 6, 7)
+    assert (out >= 0).all()
+    assert not torch.allclose(lstm(seq.flip(1))[:, -1], out[:, -1])
+
+
+def test_freeze_rnn_keeps_the_paper_lstm_at_random_init() -> None:
+    head = create_head("paper", 8, 4, 3, lstm_units=6, dense=[10], freeze_rnn=True)
+    before = {k: v.clone() for k, v in head.rnn.state_dict().items()}
+    dense_before = head.classifier.weight.clone()
+    opt = torch.optim.SGD([p for p in head.parameters() if p.requires_grad], lr=0.1)
+    loss = torch.nn.functional.cross_entropy(head(torch.randn(8, 8, 2, 2)), torch.randint(0, 3, (8,)))
+    loss.backward()
+    opt.step()
+    assert all(torch.equal(before[k], v) for k, v in head.rnn.state_dict().items())
+    assert not torch.equal(dense_before, head.classifier.weight)
+    trainable = create_head("paper", 8, 4, 3, lstm_units=6, dense=[10])
+    assert all(p.requires_grad for p in trainable.rnn.parameters())
+
+
+def test_unknown_head_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown head"):
+        create_head("transformer", 8, 4, 3)

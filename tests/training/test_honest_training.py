@@ -1,0 +1,50 @@
+import json
+
+import pytest
+
+from cxrnn.data.phantom import PhantomConfig, generate_phantom
+from cxrnn.models.bundle import load_bundle
+from cxrnn.training.compare import compare
+from cxrnn.training.config import resolve_config
+from cxrnn.training.trainer import train
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-sources")
+    generate_phantom(root, PhantomConfig(per_class=10, size=64, seed=31, sources=2))
+    return root
+
+
+def test_paper_folds_and_leave_one_source_out(tiny, cache_dir, tmp_path):
+    cfg = resolve_config(dict(data=str(tiny), out=str(tmp_path / "run"), weights="none", epochs=3, folds=3,
+                              bootstrap=200, leave_one_source_out=True, cache_dir=str(cache_dir)), preset="paper")
+    result = train(cfg)
+    m = json.loads((result.run_dir / "metrics.json").read_text())
+    assert len(m["folds"]) == 3 and set(m["cv"]) >= {"val_accuracy", "test_accuracy"}
+    test_n = m["split"]["test"]
+    assert all(r["n_train"] + r["n_val"] == 30 - test_n for r in m["folds"])  # folds only from the non-test part
+    assert m["ci"]["accuracy"]["low"] <= m["accuracy"] <= m["ci"]["accuracy"]["high"]
+    assert 0 <= m["ece"] <= 1 and "ece_before" in m["calibration"]
+    assert load_bundle(result.model_path).temperature == pytest.approx(m["calibration"]["temperature"])
+    loso = m["leave_one_source_out"]
+    assert set(loso["sources"]) == {"hospital_0", "hospital_1"}
+    assert sum(r["n_test"] for r in loso["sources"].values()) == 30
+    report = (result.run_dir / "report.md").read_text()
+    assert "Leave one source out" in report and "confidence intervals" in report
+    assert (result.run_dir / "reliability.png").stat().st_size > 0
+
+
+def test_compare_trains_every_pair_on_one_split(tiny, cache_dir, tmp_path):
+    base = resolve_config(dict(data=str(tiny), weights="none", epochs=2, bootstrap=100, cache_dir=str(cache_dir)))
+    rows = compare(base, ["efficientnet_lite0", "mobilenetv3_small_050"], ["lstm", "pool"], tmp_path)
+    assert [(r["backbone"], r["head"]) for r in rows] == [
+        ("efficientnet_lite0", "lstm"), ("efficientnet_lite0", "pool"),
+        ("mobilenetv3_small_050", "lstm"), ("mobilenetv3_small_050", "pool")]
+    assert len({r["n_test"] for r in rows}) == 1
+    for r in rows:
+        assert r["parameters"] > r["trainable_parameters"] > 0 and r["inference_ms_per_image"] > 0
+        assert r["accuracy_low"] <= r["accuracy"] <= r["accuracy_high"]
+    for name in ("compare.md", "compare.csv", "compare.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert (tmp_path / "compare.csv").read_text().count("\n") == 5

@@ -1,0 +1,115 @@
+"""End to end on a small phantom: train -> evaluate -> predict, through the API and the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import torch
+from typer.testing import CliRunner
+
+from cxrnn.cli import app
+from cxrnn.models.bundle import load_bundle
+from cxrnn.training.config import TrainConfig
+from cxrnn.training.trainer import train
+
+runner = CliRunner()
+
+
+def test_training_writes_the_run_directory_and_learns(trained_run) -> None:
+    run = trained_run.run_dir
+    for name in ("config.yaml", "model.pt", "history.csv", "metrics.json", "confusion_matrix.png", "roc.png",
+                 "report.md", "predictions.csv"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["classes"] == ["covid", "normal", "pneumonia"]
+    assert set(metrics["per_class"]) == {"covid", "normal", "pneumonia"}
+    assert metrics["accuracy"] > 0.6  # chance is 0.33
+    assert TrainConfig.from_yaml(run / "config.yaml").head == "lstm"
+    # the model file is plain data: it loads with weights_only=True
+    payload = torch.load(run / "model.pt", weights_only=True)
+    assert payload["classes"] == ["covid", "normal", "pneumonia"]
+    assert payload["preprocessing"]["input_size"] == 224
+
+
+def test_second_run_reuses_the_feature_cache(trained_run, phantom_dir, cache_dir, tmp_path) -> None:
+    cfg = TrainConfig(data=str(phantom_dir), head="pool", out=str(tmp_path / "pool"), epochs=3,
+                      cache_dir=str(cache_dir))
+    result = train(cfg)
+    assert result.cache["computed"] == 0
+    assert result.cache["cached"] == 90
+
+
+def test_evaluate_and_predict_commands(trained_run, phantom_dir, tmp_path) -> None:
+    model = str(trained_run.model_path)
+    res = runner.invoke(app, ["evaluate", model, "--data", str(phantom_dir), "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    for key in ("n", "classes", "accuracy", "macro_f1", "macro_auc", "confusion_matrix", "per_class"):
+        assert key in metrics
+    assert metrics["n"] == 90
+    for row in metrics["per_class"].values():
+        assert set(row) == {"precision", "recall", "specificity", "f1", "auc", "support"}
+    assert (tmp_path / "ev" / "roc.png").stat().st_size > 0
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for src in sorted((phantom_dir / "pneumonia").glob("*.png"))[:3]:
+        shutil.copy(src, images / src.name)
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    res = runner.invoke(app, ["predict", model, str(images), "--json"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 4
+    bad = [r for r in rows if "error" in r]
+    assert len(bad) == 1 and "broken.png" in bad[0]["error"]
+    for r in rows:
+        if "error" not in r:
+            assert set(r["probabilities"]) == {"covid", "normal", "pneumonia"}
+            assert abs(sum(r["probabilities"].values()) - 1) < 1e-4
+            assert r["label"] == max(r["probabilities"], key=r["probabilities"].get)
+
+
+def test_class_names_are_sorted_and_travel_with_the_model(trained_run, phantom_dir) -> None:
+    bundle = load_bundle(trained_run.model_path)
+    assert bundle.classes == sorted(bundle.classes) == ["covid", "normal", "pneumonia"]
+    # predictions name the class the image was drawn from far more often than chance, per class
+    from cxrnn.predict import Predictor
+
+    predictor = Predictor(bundle)
+    for name in bundle.classes:
+        files = sorted((phantom_dir / name).glob("*.png"))
+        labels = [p.label for p in predictor.predict_paths(files)]
+        assert np.mean([label == name for label in labels]) > 0.5, (name, labels)
+
+
+def test_bad_files_are_skipped_with_a_warning_and_strict_fails(phantom_dir, cache_dir, tmp_path) -> None:
+    data = tmp_path / "data"
+    for name in ("covid", "normal", "pneumonia"):
+        (data / name / "sub").mkdir(parents=True)
+        for src in sorted((phantom_dir / name).glob("*.png"))[:8]:
+            shutil.copy(src, data / name / "sub" / src.name)
+    (data / "covid" / "empty.png").write_bytes(b"")
+    (data / "normal" / "notes.jpg").write_text("not an image")
+    res = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "r"), "--epochs", "2",
+                              "--head", "pool", "--cache-dir", str(cache_dir)])
+    assert res.exit_code == 0, res.output
+    assert "empty.png" in res.output and "notes.jpg" in res.output
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "empty.png" in report
+    res = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "s"), "--epochs", "2",
+                              "--head", "pool", "--cache-dir", str(cache_dir), "--strict"])
+    assert res.exit_code != 0
+    assert "empty.png" in res.output
+
+
+def test_kfold_paper_preset_folds_stay_off_the_test_split(phantom_dir, cache_dir, tmp_path) -> None:
+    cfg = TrainConfig(data=str(phantom_dir), head="paper", head_options={"lstm_units": 32, "dense": [64]},
+                      preset="paper", optimizer="rmsprop", lr=2e-4, lr_schedule="exponential", batch_size=16,
+                      epochs=2, patience=0, folds=3, out=str(tmp_path / "cv"), cache_dir=str(cache_dir))
+    result = train(cfg)
+    assert len(result.folds) == 3
+    n_test = result.metrics["split"]["test"]
+    assert all(f["n_train"] + f["n_val"] == 90 - n_test for f in result.folds)
+    assert "val_accuracy" in result.metrics["cv"] and "test_accuracy" in result.metrics["cv"]
