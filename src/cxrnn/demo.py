@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from cxrnn.data.io import reference_radiograph
-from cxrnn.data.phantom import PhantomConfig, generate_phantom
+from cxrnn.data.phantom import PHANTOM_VERSION, PhantomConfig, generate_phantom
 from cxrnn.predict import Prediction, Predictor
 from cxrnn.training.config import TrainConfig
 from cxrnn.training.trainer import TrainResult, train
@@ -50,7 +50,7 @@ def _phantom_is_current(directory: Path, cfg: PhantomConfig) -> bool:
         saved = json.loads(info.read_text())
     except ValueError:
         return False
-    return all(saved.get(k) == v for k, v in cfg.__dict__.items())
+    return saved.get("version") == PHANTOM_VERSION and all(saved.get(k) == v for k, v in cfg.__dict__.items())
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False,
@@ -69,4 +69,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False,
     result = train(train_cfg, progress=progress, log=log)
     predictor = Predictor.from_file(result.model_path)
     reference = predictor.predict_paths([reference_radiograph("RG1_UNCR.dcm")])[0]
+    from cxrnn.explain.report import add_panels_to_report
+
+    add_panels_to_report(result.run_dir, per_class=2, extra_images=[reference_radiograph("RG1_UNCR.dcm")])
     return DemoResult(phantom_dir, result, reference, time.perf_counter() - start)

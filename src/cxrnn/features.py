@@ -3,7 +3,11 @@
 The key of a stored map is (backbone architecture, weights identity, preprocessing, image bytes), so
 every run, head and fold that uses the same backbone on the same files reuses the same maps, and a file
 that changed on disk is extracted again. Each map is written to a temp file and renamed, so an
-interrupted extraction resumes where it stopped.
+interrupted extraction resumes where it stopped (only the missing maps are computed).
+
+Training does not stack the maps in RAM: ``extract`` assembles them once into one on-disk matrix per
+ordered list of images (``cxrnn.feature_matrix``) and returns it memory-mapped. Under torchrun each
+process extracts its share of the missing maps and rank 0 assembles the matrix.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from cxrnn import distributed, runtime
 from cxrnn.data.io import ImageReadError, read_image
+from cxrnn.feature_matrix import matrix_key, open_matrix, write_matrix
 from cxrnn.models.backbones import Backbone
 from cxrnn.models.preprocess import to_input_tensor
 
@@ -56,11 +62,17 @@ class FeatureSet:
 
 
 class FeatureStore:
-    def __init__(self, backbone: Backbone, root: str | Path | None = None, dtype: str = "float32"):
+    def __init__(self, backbone: Backbone, root: str | Path | None = None, dtype: str = "float32",
+                 precision: str = "fp32", device: str = "cpu", workers: int = 0,
+                 image_cache: str | Path | None = None):
         if dtype not in ("float32", "float16"):
             raise ValueError(f"feature dtype must be float32 or float16, not {dtype!r}")
         self.backbone = backbone
         self.dtype = dtype
+        self.precision = runtime.check_precision(precision)
+        self.device = runtime.resolve_device(device)
+        self.workers = workers
+        self.image_cache = image_cache
         identity = {
             "store_version": STORE_VERSION,
             "architecture": backbone.spec.timm_name,
@@ -68,6 +80,8 @@ class FeatureStore:
             "preprocessing": backbone.preprocessing.to_dict(),
             "dtype": dtype,
         }
+        if precision != "fp32":  # bf16 maps differ from fp32 ones; fp32 keys stay as they were
+            identity["precision"] = precision
         self.key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         self.root = Path(root) if root is not None else default_cache_dir()
         self.directory = self.root / f"{backbone.spec.name}-{self.key}"
@@ -103,36 +117,82 @@ class FeatureStore:
                 digests.append(None)
         todo = [i for i, d in enumerate(digests) if d is not None and not self.path_for(d).exists()]
         n_cached = sum(1 for d in digests if d is not None) - len(todo)
-        total = len(todo)
-        done = n_computed = 0
-        if progress:
-            progress(0, total)
-        self.backbone.eval()
-        for start in range(0, total, batch_size):
-            chunk = todo[start : start + batch_size]
-            images, ok = [], []
-            for i in chunk:
-                try:
-                    images.append(read_image(paths[i]))
-                    ok.append(i)
-                except ImageReadError as err:
-                    if strict:
-                        raise
-                    warn(f"skipped {err}")
-                    errors.append(err)
-                    digests[i] = None
-            if images:
-                with torch.inference_mode():
-                    maps = self.backbone(to_input_tensor(images, self.backbone.preprocessing))
-                for i, fmap in zip(ok, maps.numpy()):
-                    self._write(digests[i], fmap)  # type: ignore[arg-type]
-                n_computed += len(ok)
-            done += len(chunk)
-            if progress:
-                progress(done, total)
+        n_computed, failed = self._compute(paths, digests, todo, batch_size, progress, strict, warn, errors)
+        for i in failed:
+            digests[i] = None
         kept = [i for i, d in enumerate(digests) if d is not None]
-        stacked = self.load([digests[i] for i in kept])  # type: ignore[misc]
-        return FeatureSet(stacked, kept, errors, n_cached=n_cached, n_computed=n_computed)
+        matrix = self.matrix([digests[i] for i in kept])  # type: ignore[misc]
+        return FeatureSet(matrix, kept, errors, n_cached=n_cached, n_computed=n_computed)
+
+    def _compute(self, paths, digests, todo, batch_size, progress, strict, warn, errors) -> tuple[int, list[int]]:
+        """Compute and write the missing maps (this process's share under torchrun); returns
+        (maps computed by all processes, indices of files that turned out unreadable)."""
+        from cxrnn.data.loading import DecodedImageCache, ImageFiles, image_loader
+
+        dist_info = distributed.setup(self.device)
+        device = distributed.local_device(self.device)
+        files = ImageFiles(paths, self.backbone.preprocessing, positions=todo, digests=digests,
+                           cache=DecodedImageCache(self.image_cache) if self.image_cache else None)
+        sampler = None
+        if dist_info.enabled:
+            sampler = torch.utils.data.distributed.DistributedSampler(
+                files, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=False)
+        share = len(sampler) if sampler is not None else len(files)
+        failed: list[tuple[int, str]] = []
+        computed: list[int] = []
+        done = 0
+        if progress:
+            progress(0, share)
+        network = runtime.prepare_module(self.backbone.eval(), device)
+        try:
+            for batch in image_loader(files, batch_size, self.workers, sampler) if todo else []:
+                ok = [item for item in batch if item.error is None]
+                for item in batch:
+                    if item.error is not None:
+                        if strict:
+                            raise item.error
+                        warn(f"skipped {item.error}")
+                        errors.append(item.error)
+                        failed.append((item.index, item.error.reason))
+                if ok:
+                    x = to_input_tensor([item.image for item in ok], self.backbone.preprocessing)
+                    with torch.inference_mode(), runtime.autocast(device, self.precision):
+                        maps = network(runtime.to_device_input(x, device))
+                    for item, fmap in zip(ok, runtime.features_to_numpy(maps)):
+                        self._write(digests[item.index], fmap)
+                    computed.extend(item.index for item in ok)
+                done += len(batch)
+                if progress:
+                    progress(done, share)
+        finally:
+            self.backbone.to("cpu")
+        if dist_info.enabled:
+            # every process must agree on the skipped files before the matrix is assembled; the
+            # sampler pads shares to equal length, so a map may have been computed twice
+            gathered = distributed.all_gather_objects((computed, failed))
+            computed = sorted({i for g in gathered for i in g[0]})
+            mine = {i for i, _ in failed}
+            for i, reason in sorted({f for g in gathered for f in g[1]}):
+                if i not in mine:
+                    errors.append(ImageReadError(Path(paths[i]), reason))
+                    mine.add(i)
+            failed = [f for g in gathered for f in g[1]]
+        return len(computed), sorted({i for i, _ in failed})
+
+    def matrix(self, digests: Sequence[str]) -> np.ndarray:
+        """The stored maps of ``digests`` as one read-only memory-mapped (N, C, H, W) array.
+
+        Built once per ordered list of images (rank 0 under torchrun) and reused by later runs.
+        """
+        if not digests:
+            return np.zeros((0,), dtype=np.float32)
+        target = self.directory / "matrices" / f"{matrix_key(digests)}-{len(digests)}.npy"
+        if distributed.info().is_main and not target.exists():
+            first = np.load(self.path_for(digests[0]), mmap_mode="r")
+            rows = (np.load(self.path_for(d)) for d in digests)
+            write_matrix(target, len(digests), tuple(first.shape), self.dtype, rows)
+        distributed.barrier()
+        return open_matrix(target)
 
     def load(self, digests: Sequence[str]) -> np.ndarray:
         if not digests:

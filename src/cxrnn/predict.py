@@ -22,24 +22,35 @@ class Prediction:
     label: str | None = None
     probabilities: dict[str, float] | None = None
     error: str | None = None
+    ood: dict[str, Any] | None = None  # {"score", "threshold", "flagged"}; None if the model has no OOD gate
 
     def to_dict(self) -> dict[str, Any]:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
-        return {"path": self.path, "label": self.label, "probabilities": self.probabilities}
+        return {"path": self.path, "label": self.label, "probabilities": self.probabilities, "ood": self.ood}
 
 
 class Predictor:
     """Holds a loaded model; ``predict_*`` apply its stored preprocessing and temperature."""
 
-    def __init__(self, bundle: ModelBundle, batch_size: int = 16):
+    def __init__(self, bundle: ModelBundle, batch_size: int = 16, runtime: str = "torch", device: str = "cpu",
+                 precision: str = "fp32"):
+        from cxrnn.inference import make_engine
+        from cxrnn.ood import OodStats
+
         self.bundle = bundle
         self.batch_size = batch_size
         self.bundle.net.eval()
+        self.engine = make_engine(bundle, runtime)  # torch or onnxruntime: same outputs
+        from cxrnn.runtime import accelerate_engine
+
+        self.engine = accelerate_engine(self.engine, device, precision)
+        self.ood_stats = OodStats.from_extras(bundle.extras)
 
     @classmethod
-    def from_file(cls, path: str | Path, batch_size: int = 16) -> "Predictor":
-        return cls(load_bundle(path), batch_size=batch_size)
+    def from_file(cls, path: str | Path, batch_size: int = 16, runtime: str = "torch", device: str = "cpu",
+                  precision: str = "fp32") -> "Predictor":
+        return cls(load_bundle(path), batch_size=batch_size, runtime=runtime, device=device, precision=precision)
 
     @property
     def classes(self) -> list[str]:
@@ -51,17 +62,31 @@ class Predictor:
 
     def predict_arrays(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Probabilities (N, K) for grey [0,1] images, in batches."""
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            logits = self.logits(images[start : start + self.batch_size])
-            out.append(torch.softmax(logits / self.bundle.temperature, dim=1).numpy())
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
+        return self.predict_with_ood(images)[0]
 
-    def to_prediction(self, path: str, probs: np.ndarray) -> Prediction:
+    def predict_with_ood(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities (N, K), out-of-distribution scores (N,)) for grey [0,1] images, in batches."""
+        probs, scores = [], []
+        for start in range(0, len(images), self.batch_size):
+            out = self.engine(to_input_tensor(images[start : start + self.batch_size], self.bundle.preprocessing))
+            probs.append(out["probabilities"])
+            scores.append(out["ood_score"])
+        if not probs:
+            return np.zeros((0, len(self.classes)), dtype=np.float32), np.zeros(0, dtype=np.float32)
+        return np.concatenate(probs), np.concatenate(scores)
+
+    def ood_result(self, score: float) -> dict[str, Any] | None:
+        if self.ood_stats is None:
+            return None
+        return {"score": float(score), "threshold": self.ood_stats.threshold,
+                "flagged": bool(score > self.ood_stats.threshold)}
+
+    def to_prediction(self, path: str, probs: np.ndarray, ood_score: float | None = None) -> Prediction:
         return Prediction(
             path=path,
             label=self.classes[int(np.argmax(probs))],
             probabilities={c: float(p) for c, p in zip(self.classes, probs)},
+            ood=self.ood_result(ood_score) if ood_score is not None else None,
         )
 
     def predict_paths(self, paths: Iterable[str | Path], progress: Progress | None = None) -> list[Prediction]:
@@ -77,8 +102,8 @@ class Predictor:
                 except ImageReadError as err:
                     results[i] = Prediction(path=paths[i], error=str(err))
             if images:
-                for i, probs in zip(slots, self.predict_arrays(images)):
-                    results[i] = self.to_prediction(paths[i], probs)
+                for i, probs, score in zip(slots, *self.predict_with_ood(images)):
+                    results[i] = self.to_prediction(paths[i], probs, score)
             if progress:
                 progress(min(start + self.batch_size, len(paths)), len(paths))
         return [r for r in results if r is not None]

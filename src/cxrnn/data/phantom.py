@@ -46,7 +46,7 @@ __all__ = [
 CLASSES: tuple[str, ...] = ("covid", "normal", "pneumonia")
 ABNORMAL: frozenset[str] = frozenset({"covid", "pneumonia"})
 # Bump whenever rendering changes so a stored phantom.json can tell it is stale.
-PHANTOM_VERSION = "1.0"
+PHANTOM_VERSION = "1.1"
 
 # ---------------------------------------------------------------------------------------
 # Lesion calibration. Every knob that decides how visible the disease is lives here so the
@@ -58,13 +58,13 @@ PHANTOM_VERSION = "1.0"
 # ---------------------------------------------------------------------------------------
 LESION_PARAMS: dict[str, dict[str, tuple[float, float]]] = {
     "pneumonia": {
-        "strength": (0.10, 0.30),      # peak added attenuation of the consolidation
+        "strength": (0.35, 0.90),      # peak added attenuation of the consolidation
         "radius": (0.08, 0.17),        # blob radius, in half-image units
         "lower_zone_p": (0.6, 0.6),    # probability of the lower zone (else mid / upper)
     },
     "covid": {
-        "strength": (0.06, 0.16),      # ground glass: fainter than consolidation
-        "radius": (0.05, 0.11),
+        "strength": (0.40, 0.90),      # ground glass: fainter than consolidation
+        "radius": (0.06, 0.12),
         "patches": (1, 4),             # patches per lung (inclusive)
     },
 }

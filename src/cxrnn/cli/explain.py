@@ -1,0 +1,105 @@
+"""Explanation commands: explain (maps on the X-rays) and explain-eval (maps against lesion masks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from cxrnn.cli.common import app, console, fail, out_console, progress_bars, warn
+
+METHOD_HELP = "gradcam (default), gradcam++, eigencam (class-agnostic) or scorecam (slow: one pass per channel)."
+LAYER_HELP = "Backbone module for the map (dotted path in the timm model); default: the registry's layer."
+
+
+def write_cam_dir(model_or_bundle, files: list, out_dir: Path, method: str = "gradcam", target: Optional[str] = None,
+                  layer: Optional[str] = None, batch_size: int = 8, alpha: float = 0.4, colormap: str = "jet",
+                  quiet: bool = False) -> dict:
+    """Shared by ``explain`` and ``predict --cam``: write the maps; per-image lines unless ``quiet``."""
+    from cxrnn.explain.export import explain_to_dir
+    from cxrnn.models.bundle import ModelBundle, load_bundle
+
+    def report(exp, written) -> None:
+        if quiet:
+            return
+        if exp.error is not None:
+            warn(f"skipped {exp.error}")
+        elif not quiet:
+            probs = "  ".join(f"{c} {v:.3f}" for c, v in exp.probabilities.items())
+            out_console.print(f"{exp.path}: [bold]{exp.label}[/bold]  ({probs})  map of '{exp.target}' -> "
+                              f"{Path(written['panel']).name}", highlight=False)
+
+    try:
+        bundle = model_or_bundle if isinstance(model_or_bundle, ModelBundle) else load_bundle(model_or_bundle)
+        with progress_bars() as bars:
+            index = explain_to_dir(bundle, files, out_dir, method=method, target=target, layer=layer,
+                                   batch_size=batch_size, alpha=alpha, colormap=colormap,
+                                   progress=lambda d, t: bars("explain", d, t), on_result=report)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    console.print(f"maps of {index['n']} image(s) ({index['method']}, layer {index['layer']}) in {out_dir}"
+                  + (f"; {index['errors']} file(s) could not be read" if index["errors"] else ""), highlight=False)
+    return index
+
+
+@app.command()
+def explain(
+    model: Path = typer.Argument(..., help="model.pt of a run."),
+    paths: List[Path] = typer.Argument(..., help="Image files or folders (PNG, JPEG, TIFF, DICOM...)."),
+    out: Path = typer.Option(..., "--out", help="Folder for NAME_cam.png, NAME_panel.png, NAME_cam.npy."),
+    method: str = typer.Option("gradcam", help=METHOD_HELP),
+    target: Optional[str] = typer.Option(None, help="Class to explain (default: the predicted class)."),
+    layer: Optional[str] = typer.Option(None, help=LAYER_HELP),
+    batch_size: int = typer.Option(8),
+    alpha: float = typer.Option(0.4, help="Opacity of the colour map over the X-ray."),
+    colormap: str = typer.Option("jet", help="Any matplotlib colour map name."),
+) -> None:
+    """Grad-CAM maps through the whole CNN->RNN, drawn on each X-ray at its own size."""
+    from cxrnn.data.dataset import list_image_files
+
+    files = list_image_files(paths)
+    if not files:
+        fail("no image files found in " + ", ".join(map(str, paths)))
+    write_cam_dir(model, files, out, method=method, target=target, layer=layer, batch_size=batch_size,
+                  alpha=alpha, colormap=colormap)
+
+
+@app.command("explain-eval")
+def explain_eval(
+    model: Path = typer.Argument(..., help="model.pt of a run."),
+    data: Path = typer.Option(..., help="Phantom folder (or manifest CSV) with lesion 'mask' and 'lung_mask' columns."),
+    out: Optional[Path] = typer.Option(None, help="JSON file for the results (default: explain_eval.json next to the model)."),
+    method: str = typer.Option("gradcam", help=METHOD_HELP),
+    layer: Optional[str] = typer.Option(None, help=LAYER_HELP),
+    target: str = typer.Option("true", help="'true': explain each image's true class; 'predicted': the model's choice."),
+    batch_size: int = typer.Option(8),
+) -> None:
+    """Check maps against known lesions: pointing-game hit rate and map energy in lesions / lungs."""
+    from cxrnn.explain.evaluate import evaluate_explanations, write_explain_eval
+    from cxrnn.models.bundle import load_bundle
+
+    try:
+        bundle = load_bundle(model)
+        with progress_bars() as bars:
+            result = evaluate_explanations(bundle, data, method=method, layer=layer, target=target,
+                                           batch_size=batch_size, progress=lambda d, t: bars("explain", d, t),
+                                           warn=warn)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    path = write_explain_eval(result, out or model.parent / "explain_eval.json")
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    table = Table(title=f"{method} at {result['layer']} on {data} (hit: map maximum within "
+                        f"{result['tolerance']:.0%} of the width of the lesion)")
+    for col in ("class", "n", "hit rate", "chance", "energy in lesion", "lesion area", "energy in lungs",
+                "lungs area", "correct"):
+        table.add_column(col)
+    for name, row in [*result["per_class"].items(), ("all", result)]:
+        table.add_row(name, str(row["n"]), fmt(row["hit_rate"]), fmt(row["chance_hit_rate"]),
+                      fmt(row["energy_in_lesion"]), fmt(row["lesion_area_share"]), fmt(row["energy_in_lungs"]),
+                      fmt(row["lungs_area_share"]), fmt(row["predicted_correctly"]))
+    out_console.print(table)
+    out_console.print(f"wrote {path}")
+    if result["errors"]:
+        console.print(f"{len(result['errors'])} file(s) could not be read", highlight=False)

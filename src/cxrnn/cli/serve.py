@@ -1,0 +1,53 @@
+"""``cxrnn serve`` (HTTP API + web page) and ``cxrnn export`` (ONNX / TorchScript)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from cxrnn.cli.common import app, fail, out_console
+
+
+@app.command()
+def serve(
+    model: Path = typer.Argument(..., help="model.pt of a run."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000),
+    runtime: str = typer.Option("torch", help="torch or onnx (onnxruntime, exported at start)."),
+    max_mb: float = typer.Option(20.0, help="Largest upload in MB (413 beyond)."),
+    batch: int = typer.Option(8, help="Micro-batching: most requests per forward pass (1: off)."),
+    batch_ms: float = typer.Option(10.0, help="Micro-batching: longest wait for more requests, in ms."),
+    timeout_s: float = typer.Option(30.0, help="Per-request time limit in seconds (504 beyond)."),
+    device: str = typer.Option("cpu", help="cpu or cuda (torch runtime)."),
+    precision: str = typer.Option("fp32", help="fp32 or bf16 autocast (torch runtime)."),
+) -> None:
+    """Serve the model: web page at /, POST /v1/predict and /v1/explain, GET /v1/model, /healthz, /docs."""
+    import uvicorn
+
+    from cxrnn.serve.app import create_app
+
+    try:
+        api = create_app(model, runtime=runtime, max_mb=max_mb, batch=batch, batch_ms=batch_ms, timeout_s=timeout_s,
+                         device=device, precision=precision)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    out_console.print(f"serving {api.state.service.bundle.describe()} on http://{host}:{port}/ "
+                      f"(runtime {runtime}; research use only, not a medical device)", highlight=False)
+    uvicorn.run(api, host=host, port=port, log_level="info")
+
+
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="model.pt of a run."),
+    format: str = typer.Option("onnx", "--format", help="onnx or torchscript."),
+    out: Path = typer.Option(..., help="Output file (e.g. model.onnx)."),
+) -> None:
+    """Export the inference graph (probabilities, logits, OOD score) with a free batch axis."""
+    from cxrnn.export import export_model
+
+    try:
+        path = export_model(model, format, out)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    out_console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

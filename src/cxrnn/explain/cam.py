@@ -1,0 +1,271 @@
+"""Class activation maps for the whole CNN->RNN network, built on pytorch-grad-cam.
+
+The model handed to pytorch-grad-cam is the complete ``CxrNet``: the class score is back-propagated through
+the classifier, the RNN head and the reshape of the feature map into a sequence, down to the backbone's
+target layer. Maps come back at the original image's resolution and aspect: the model input is a plain
+resize of the whole image to SxS (no crop), so undoing it is a resize of the map back to (H, W).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+from unittest import mock
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cxrnn.data.io import ImageReadError, read_image
+from cxrnn.models.bundle import ModelBundle, load_bundle
+from cxrnn.models.preprocess import to_input_tensor
+
+Progress = Callable[[int, int], None]
+
+
+def _score_cam() -> type:
+    import tqdm
+    from pytorch_grad_cam import ScoreCAM
+    from pytorch_grad_cam import score_cam as score_cam_module
+
+    quiet_bar = functools.partial(tqdm.tqdm, disable=True)
+
+    class QuietScoreCAM(ScoreCAM):
+        """ScoreCAM without its per-image tqdm bar and without recording the masked passes' activations.
+
+        The library keeps the target layer's activations of every one of the C masked forward passes
+        (C = channels, 1280 for EfficientNet-Lite0) until the next call: hundreds of MB per image for nothing.
+        """
+
+        def get_cam_weights(self, input_tensor, target_layer, targets, activations, grads):  # type: ignore[override]
+            recorder = self.activations_and_grads
+            for handle in recorder.handles:
+                handle.remove()
+            recorder.handles.clear()
+            try:
+                with mock.patch.object(score_cam_module.tqdm, "tqdm", quiet_bar):
+                    return super().get_cam_weights(input_tensor, target_layer, targets, activations, grads)
+            finally:
+                for layer in self.target_layers:
+                    recorder.handles.append(layer.register_forward_hook(recorder.save_activation))
+                    recorder.handles.append(layer.register_forward_hook(recorder.save_gradient))
+
+    return QuietScoreCAM
+
+
+def _cam_class(method: str) -> tuple[type, bool]:
+    """(pytorch-grad-cam class, whether it needs gradients) for a method name."""
+    from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
+
+    if method == "gradcam":
+        return GradCAM, True
+    if method == "gradcam++":
+        return GradCAMPlusPlus, True
+    if method == "eigencam":
+        return EigenCAM, False
+    if method == "scorecam":
+        return _score_cam(), False
+    raise ValueError(f"unknown CAM method {method!r}: use one of {', '.join(METHODS)}")
+
+
+METHODS = ("gradcam", "gradcam++", "eigencam", "scorecam")
+
+
+@dataclass
+class Explanation:
+    """One image's map: ``cam`` is float32 (H, W) in [0, 1] at the original image size."""
+
+    path: str
+    image: np.ndarray | None = None
+    cam: np.ndarray | None = None
+    label: str | None = None  # predicted class
+    target: str | None = None  # class whose score the map explains
+    probabilities: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"path": self.path, "error": self.error}
+        return {"path": self.path, "label": self.label, "target": self.target, "probabilities": self.probabilities}
+
+
+def resize_map(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a map to ``shape`` (H, W), clipped to [0, 1]: undoes the square input resize."""
+    if cam.shape == tuple(shape):
+        return np.clip(cam, 0.0, 1.0).astype(np.float32, copy=False)
+    t = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))[None, None]
+    out = F.interpolate(t, size=tuple(int(s) for s in shape), mode="bilinear", align_corners=False)
+    return out[0, 0].clamp_(0.0, 1.0).numpy()
+
+
+def _differentiable_output(module: nn.Module, args: Any, output: Any) -> Any:
+    """Forward hook: make the target layer's output a graph root when nothing upstream needs gradients.
+
+    A trained model has a frozen backbone (requires_grad=False) and the input does not require grad, so
+    the target activation would have no gradient at all. Starting the graph here (instead of marking the
+    input) keeps backward to the layers after the target. The clone keeps later in-place ops (ReLU) legal.
+    """
+    if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not output.requires_grad:
+        return output.detach().requires_grad_().clone()
+    return None
+
+
+class CamExplainer:
+    """Explains a model's predictions; use as a context manager so the hooks are always released.
+
+    >>> with CamExplainer(load_bundle("run/model.pt")) as explainer:
+    ...     for exp in explainer.explain_paths(["a.png", "b.dcm"]):
+    ...         print(exp.label, exp.cam.shape)
+    """
+
+    def __init__(self, bundle: ModelBundle, method: str = "gradcam", layer: str | None = None, batch_size: int = 8):
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.bundle = bundle
+        self.method = method
+        self.batch_size = batch_size
+        self.layer_name = layer or bundle.target_layer
+        try:
+            self.layer = bundle.net.backbone.target_layer(self.layer_name)
+        except AttributeError:
+            raise ValueError(
+                f"layer {self.layer_name!r} is not a module of backbone {bundle.backbone_name}; "
+                f"top-level modules: {', '.join(n for n, _ in bundle.net.backbone.model.named_children())}"
+            ) from None
+        cam_cls, self.uses_gradients = _cam_class(method)
+        bundle.net.eval()
+        # Maps need gradients of activations only: parameter gradients would cost time and stay behind in
+        # .grad, so every parameter is switched off while explaining and restored by close().
+        self._saved_requires_grad = [(p, p.requires_grad) for p in bundle.net.parameters()]
+        bundle.net.requires_grad_(False)
+        self._grad_hook = (
+            self.layer.register_forward_hook(_differentiable_output, prepend=True) if self.uses_gradients else None
+        )
+        self._cam = cam_cls(model=bundle.net, target_layers=[self.layer])
+
+    @classmethod
+    def from_file(cls, path: str | Path, **kwargs: Any) -> "CamExplainer":
+        return cls(load_bundle(path), **kwargs)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.bundle.classes
+
+    def close(self) -> None:
+        """Remove every hook from the model (idempotent); the model then runs exactly as before."""
+        self._cam.activations_and_grads.release()
+        self._cam.outputs = None
+        if self._grad_hook is not None:
+            self._grad_hook.remove()
+            self._grad_hook = None
+        for param, flag in self._saved_requires_grad:
+            param.requires_grad_(flag)
+        self._saved_requires_grad = []
+
+    def __enter__(self) -> "CamExplainer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _target_index(self, target: str | None) -> int | None:
+        if target is None:
+            return None
+        if target not in self.classes:
+            raise ValueError(f"unknown target class {target!r}: the model's classes are {', '.join(self.classes)}")
+        return self.classes.index(target)
+
+    def explain_arrays(
+        self, images: Sequence[np.ndarray], target: str | Sequence[str | None] | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        """(map at each image's own size, class probabilities, explained class index) per grey [0,1] image.
+
+        ``target`` is a class name for all images, one name (or None) per image, or None for the predicted class.
+        """
+        per_image = list(target) if isinstance(target, (list, tuple)) else [target] * len(images)
+        if len(per_image) != len(images):
+            raise ValueError(f"{len(per_image)} targets for {len(images)} images")
+        out: list[tuple[np.ndarray, np.ndarray, int]] = []
+        for start in range(0, len(images), self.batch_size):
+            batch = list(images[start : start + self.batch_size])
+            out.extend(self._explain_batch(batch, [self._target_index(t) for t in per_image[start : start + len(batch)]]))
+        return out
+
+    def _explain_batch(self, images: list[np.ndarray], targets: list[int | None]) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        x = to_input_tensor(images, self.bundle.preprocessing)
+        if all(t is None for t in targets):
+            cam_targets = None  # pytorch-grad-cam explains the top class
+        else:
+            if any(t is None for t in targets):
+                with torch.inference_mode():
+                    predicted = self.bundle.net(x).argmax(dim=1).tolist()
+                targets = [p if t is None else t for t, p in zip(targets, predicted)]
+            cam_targets = [ClassifierOutputTarget(int(t)) for t in targets]
+        try:
+            with self._rnn_backward_allowed():
+                maps = self._cam(input_tensor=x, targets=cam_targets)
+            logits = self._cam.outputs.detach()
+        finally:
+            # The library keeps the last batch's activations, gradients and output graph alive: drop them now.
+            self._cam.activations_and_grads.clear()
+            self._cam.outputs = None
+        probs = torch.softmax(logits / self.bundle.temperature, dim=1).numpy()
+        if cam_targets is None:
+            targets = logits.argmax(dim=1).tolist()
+        return [(resize_map(m, img.shape[:2]), p, int(t)) for m, img, p, t in zip(maps, images, probs, targets)]
+
+    def _rnn_backward_allowed(self) -> contextlib.AbstractContextManager:
+        # cuDNN RNNs refuse backward in eval mode; the native kernels do not (CPU never uses cuDNN).
+        device = next(self.bundle.net.parameters()).device
+        return torch.backends.cudnn.flags(enabled=False) if device.type == "cuda" else contextlib.nullcontext()
+
+    def explain_paths(
+        self, paths: Iterable[str | Path], target: str | None = None, progress: Progress | None = None
+    ) -> Iterator[Explanation]:
+        """One Explanation per path, in order, produced batch by batch (nothing accumulates).
+
+        An unreadable file yields an Explanation with ``error`` ("PATH: reason") and the batch goes on.
+        """
+        self._target_index(target)  # a wrong class name fails before any work
+        paths = [str(p) for p in paths]
+        for start in range(0, len(paths), self.batch_size):
+            chunk = paths[start : start + self.batch_size]
+            read: list[tuple[int, np.ndarray]] = []
+            results: list[Explanation] = []
+            for i, path in enumerate(chunk):
+                try:
+                    read.append((i, read_image(path)))
+                    results.append(Explanation(path=path))
+                except ImageReadError as err:
+                    results.append(Explanation(path=path, error=str(err)))
+            if read:
+                maps = self._explain_batch([img for _, img in read], [self._target_index(target)] * len(read))
+                for (i, image), (cam, probs, t) in zip(read, maps):
+                    exp = results[i]
+                    # EigenCAM is class-agnostic: it explains no particular class.
+                    exp.image, exp.cam = image, cam
+                    exp.target = self.classes[t] if self.method != "eigencam" else None
+                    exp.label = self.classes[int(np.argmax(probs))]
+                    exp.probabilities = {c: float(p) for c, p in zip(self.classes, probs)}
+            yield from results
+            if progress:
+                progress(min(start + len(chunk), len(paths)), len(paths))
+
+
+def explain(
+    model: str | Path | ModelBundle,
+    paths: Iterable[str | Path],
+    method: str = "gradcam",
+    target: str | None = None,
+    layer: str | None = None,
+) -> list[Explanation]:
+    """Convenience: ``cxrnn.explain.explain("run/model.pt", ["a.png"])`` (holds all maps; use CamExplainer for many)."""
+    bundle = model if isinstance(model, ModelBundle) else load_bundle(model)
+    with CamExplainer(bundle, method=method, layer=layer) as explainer:
+        return list(explainer.explain_paths(paths, target=target))

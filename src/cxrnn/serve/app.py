@@ -1,0 +1,350 @@
+"""The HTTP API and web page: ``create_app("run/model.pt")`` gives a FastAPI app (``cxrnn serve`` runs it).
+
+Hardening, in the order a request meets it: the body size is capped while it streams in (413); the upload
+is sniffed by content, never trusted by name; the pixel count is read from the header before anything is
+decoded (413, so a decompression bomb never allocates); every bad input is a 4xx JSON ``{"error": ...}``;
+one worker thread owns the model (micro-batching predictions), Grad-CAM shares its lock; each request has
+a time limit (504). Unexpected failures are a 500 JSON without traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import threading
+import time
+import warnings
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cxrnn.data.io import ImageReadError, read_image, sniff_format
+from cxrnn.models.bundle import load_bundle
+from cxrnn.predict import Predictor
+from cxrnn.serve.batching import MicroBatcher, QueueFullError
+from cxrnn.serve.card import model_card, model_identity
+
+log = logging.getLogger("cxrnn.serve")
+
+# 6000 x 6000: above any chest radiograph detector, far below what would let a few concurrent uploads
+# exhaust memory once decoded to float32.
+DEFAULT_MAX_PIXELS = 36_000_000
+DISPLAY_SIDE = 512  # the page shows images and maps at most this wide; the model sees the full image
+SERVER_CAM_METHODS = ("gradcam", "gradcam++", "eigencam")  # scorecam needs ~C forward passes per image
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+class ServeError(StarletteHTTPException):
+    """A request the server refuses, with the reason the client sees."""
+
+
+class OodResult(BaseModel):
+    score: float = Field(description="Mahalanobis distance of the image's backbone features to the training images'")
+    threshold: float = Field(description="99th percentile of the training images' (out-of-fold) distances")
+    flagged: bool = Field(description="score > threshold: the image is unlike the training data")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    runtime: str
+
+
+class PredictResponse(BaseModel):
+    label: str
+    probabilities: dict[str, float]
+    ood: Optional[OodResult] = Field(None, description="null when the model has no out-of-distribution statistics")
+    model: ModelInfo
+    timing_ms: float
+    image: dict[str, Any] = Field(description="width, height and sniffed format of the upload")
+
+
+class ExplainResponse(PredictResponse):
+    target: str
+    method: str
+    overlay_png: str = Field(description="base64 PNG: the map blended over the X-ray (alpha 0.4, jet)")
+    heatmap_png: str = Field(description="base64 RGBA PNG: the colour map alone, to layer over image_png")
+    image_png: str = Field(description="base64 PNG: the decoded grey X-ray as the model read it")
+
+
+class ErrorResponse(BaseModel):
+    error: str
+
+
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 503, 504)}
+
+
+class BodyLimitMiddleware:
+    """Refuses bodies over ``max_bytes`` from Content-Length up front, and while streaming without it."""
+
+    def __init__(self, app, max_bytes: int, limit_text: str):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.limit_text = limit_text
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_large = ServeError(413, f"upload too large (limit {self.limit_text})")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await JSONResponse({"error": too_large.detail}, status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    # An HTTPException passes through FastAPI's body parsing unchanged -> handled as 413.
+                    raise too_large
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+
+def image_pixels(data: bytes) -> int | None:
+    """Pixel count from the container header without decoding the pixels (None if it cannot be read cheaply)."""
+    fmt = sniff_format(data)
+    if fmt is None:
+        return None
+    if fmt == "dicom":
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+            return int(ds.Rows) * int(ds.Columns) * int(getattr(ds, "NumberOfFrames", 1) or 1)
+        except Exception:  # the full reader gives the precise reason
+            return None
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                return int(im.size[0]) * int(im.size[1])
+        except Image.DecompressionBombError:
+            return 2 * Image.MAX_IMAGE_PIXELS + 1
+        except Exception:
+            return None
+
+
+def _png_b64(array: np.ndarray) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", optimize=False)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _display_size(shape: tuple[int, int]) -> tuple[int, int]:
+    h, w = shape
+    scale = min(1.0, DISPLAY_SIDE / max(h, w))
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+class ModelService:
+    """One loaded model shared by all requests: predictions through the micro-batcher, CAMs under its lock."""
+
+    def __init__(self, model_path: str | Path, runtime: str, batch: int, batch_ms: float, max_pixels: int,
+                 device: str = "cpu", precision: str = "fp32"):
+        self.model_path = Path(model_path)
+        self.bundle = load_bundle(self.model_path)
+        self.runtime = runtime
+        self.predictor = Predictor(self.bundle, batch_size=max(1, batch), runtime=runtime, device=device,
+                                   precision=precision)
+        self.identity = model_identity(self.bundle, self.model_path)
+        self.card = model_card(self.bundle, self.model_path, runtime)
+        self.max_pixels = max_pixels
+        self.lock = threading.Lock()
+        self.batcher = MicroBatcher(self._predict_batch, max_batch=max(1, batch), max_wait_ms=batch_ms,
+                                    max_queue=max(64, 16 * batch), lock=self.lock)
+        # Decoding runs in the thread pool; bounding it bounds the memory of concurrent large uploads.
+        self.decode_slots = threading.BoundedSemaphore(4)
+
+    def _predict_batch(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+        probs, scores = self.predictor.predict_with_ood(images)
+        return list(zip(probs, scores.tolist()))
+
+    def decode(self, data: bytes, name: str) -> tuple[np.ndarray, str]:
+        with self.decode_slots:
+            return self._decode(data, name)
+
+    def _decode(self, data: bytes, name: str) -> tuple[np.ndarray, str]:
+        if not data:
+            raise ServeError(422, f"{name}: empty file (0 bytes)")
+        fmt = sniff_format(data)
+        if fmt is None:
+            raise ServeError(415, f"{name}: not an image (unrecognised content; send PNG, JPEG or DICOM)")
+        pixels = image_pixels(data)
+        if pixels is not None and pixels > self.max_pixels:
+            raise ServeError(413, f"{name}: image too large ({pixels:,} pixels, limit {self.max_pixels:,})")
+        try:
+            return read_image(data, name=name), fmt
+        except ImageReadError as err:
+            status = 413 if err.reason.startswith("image too large") else 422
+            raise ServeError(status, str(err)) from None
+
+    def explain(self, image: np.ndarray, target: str, method: str) -> dict[str, str]:
+        from cxrnn.explain import CamExplainer, resize_map
+        from cxrnn.explain.overlay import overlay_cam
+        import matplotlib
+
+        with self.lock:  # Grad-CAM hooks the shared network: nothing else may run it meanwhile
+            with CamExplainer(self.bundle, method=method, batch_size=1) as explainer:
+                cam, _, _ = explainer.explain_arrays([image], target=target)[0]
+        shape = _display_size(image.shape[:2])
+        small = resize_map(image, shape)
+        small_cam = resize_map(cam, shape)
+        heat = matplotlib.colormaps["jet"](small_cam)
+        heat[..., 3] = 0.25 + 0.75 * small_cam  # weak regions stay see-through when layered in the page
+        return {
+            "overlay_png": _png_b64(overlay_cam(small, small_cam, alpha=0.4)),
+            "heatmap_png": _png_b64(np.round(heat * 255).astype(np.uint8)),
+            "image_png": _png_b64(np.round(small * 255).astype(np.uint8)),
+        }
+
+
+def create_app(
+    model_path: str | Path,
+    runtime: str = "torch",
+    max_mb: float = 20.0,
+    batch: int = 8,
+    batch_ms: float = 10.0,
+    timeout_s: float = 30.0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    device: str = "cpu",
+    precision: str = "fp32",
+) -> FastAPI:
+    """The app for one model file; ``batch=1`` disables micro-batching."""
+    if max_mb <= 0 or timeout_s <= 0 or batch < 1 or batch_ms < 0 or max_pixels < 1:
+        raise ValueError("max_mb, timeout_s, batch and max_pixels must be positive and batch_ms >= 0")
+    service = ModelService(model_path, runtime, batch, batch_ms, max_pixels, device=device, precision=precision)
+    max_bytes = int(max_mb * 1_000_000)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        service.batcher.close()
+
+    app = FastAPI(
+        title="cxrnn",
+        version=service.identity["version"],
+        description="Chest X-ray classification (research use only, not a medical device). "
+        f"Model: {service.bundle.describe()}.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_bytes + MULTIPART_OVERHEAD, limit_text=f"{max_mb:g} MB")
+    static_dir = Path(str(resources.files("cxrnn.serve") / "static"))
+    app.mount("/static", StaticFiles(directory=static_dir), name="static")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for e in exc.errors():
+            where = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "query"))
+            parts.append(f"{where}: {e.get('msg', 'invalid')}" if where else str(e.get("msg", "invalid")))
+        return JSONResponse({"error": "invalid request: " + "; ".join(parts)}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse({"error": "internal error (logged on the server)"}, status_code=500)
+
+    async def within_deadline(coro, started: float):
+        remaining = timeout_s - (time.perf_counter() - started)
+        try:
+            return await asyncio.wait_for(coro, timeout=max(remaining, 1e-6))
+        except asyncio.TimeoutError:
+            raise ServeError(504, f"request took longer than the {timeout_s:g} s limit") from None
+
+    async def read_upload(file: UploadFile) -> bytes:
+        data = await file.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ServeError(413, f"upload too large (limit {max_mb:g} MB)")
+        return data
+
+    async def decode_and_predict(file: UploadFile, started: float) -> tuple[np.ndarray, dict[str, Any]]:
+        data = await read_upload(file)
+        name = Path(file.filename or "upload").name
+        image, fmt = await run_in_threadpool(service.decode, data, name)
+        try:
+            future = service.batcher.submit(image)
+        except QueueFullError as exc:
+            raise ServeError(503, str(exc), headers={"Retry-After": "1"}) from None
+        probs, score = await asyncio.wrap_future(future)
+        classes = service.bundle.classes
+        result = {
+            "label": classes[int(np.argmax(probs))],
+            "probabilities": {c: float(p) for c, p in zip(classes, probs)},
+            "ood": service.predictor.ood_result(score),
+            "model": {"name": service.identity["name"], "version": service.identity["version"], "runtime": runtime},
+            "image": {"width": int(image.shape[1]), "height": int(image.shape[0]), "format": fmt},
+        }
+        return image, result
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(static_dir / "index.html", media_type="text/html")
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "model": service.identity["name"], "version": service.identity["version"],
+                "runtime": runtime, "batching": service.batcher.stats.to_dict()}
+
+    @app.get("/v1/model")
+    async def model() -> dict[str, Any]:
+        """Model card: network, classes, training data, test metrics with intervals, calibration, intended use."""
+        return service.card
+
+    @app.post("/v1/predict", response_model=PredictResponse, responses=ERRORS)
+    async def predict(file: UploadFile = File(..., description="PNG, JPEG or DICOM chest X-ray")) -> dict[str, Any]:
+        """Class probabilities and the out-of-distribution flag for one image."""
+        started = time.perf_counter()
+        _, result = await within_deadline(decode_and_predict(file, started), started)
+        result["timing_ms"] = (time.perf_counter() - started) * 1000
+        return result
+
+    @app.post("/v1/explain", response_model=ExplainResponse, responses=ERRORS)
+    async def explain(
+        file: UploadFile = File(..., description="PNG, JPEG or DICOM chest X-ray"),
+        target: Optional[str] = Form(None, description="class to explain (default: the predicted one)"),
+        method: str = Form("gradcam", description="gradcam, gradcam++ or eigencam"),
+    ) -> dict[str, Any]:
+        """The prediction plus a class activation map of the target class, as base64 PNGs."""
+        started = time.perf_counter()
+        target = target or None  # an empty form field means "the predicted class"
+        if method not in SERVER_CAM_METHODS:
+            raise ServeError(422, f"unknown method {method!r}: use one of {', '.join(SERVER_CAM_METHODS)}")
+        if target is not None and target not in service.bundle.classes:
+            raise ServeError(422, f"unknown target {target!r}: the classes are {', '.join(service.bundle.classes)}")
+
+        async def work() -> dict[str, Any]:
+            image, result = await decode_and_predict(file, started)
+            chosen = target or result["label"]
+            maps = await run_in_threadpool(service.explain, image, chosen, method)
+            return {**result, **maps, "target": chosen, "method": method}
+
+        result = await within_deadline(work(), started)
+        result["timing_ms"] = (time.perf_counter() - started) * 1000
+        return result
+
+    return app

@@ -1,0 +1,107 @@
+"""The model card served at ``/v1/model``, in the spirit of a MONAI bundle's ``metadata.json``.
+
+Everything in it is read from the model file (what it was trained on, what it scored on its held-out
+test split, how it is calibrated); nothing is typed in by hand except the intended-use text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any
+
+from cxrnn import __version__
+from cxrnn.models.bundle import ModelBundle
+from cxrnn.ood import OodStats
+
+INTENDED_USE = (
+    "Research and teaching: explore how a CNN->RNN network classifies frontal chest X-rays as "
+    "COVID-19, pneumonia or normal, and where it looks (Grad-CAM). Not a medical device; not for "
+    "diagnosis, triage or any clinical decision."
+)
+LIMITATIONS = [
+    "Trained and tested only on the data summarised under training_data; performance on other hospitals, "
+    "scanners, views (lateral, paediatric) or populations is unknown.",
+    "Test metrics come from a single held-out split of that data; small test sets give wide intervals.",
+    "Inputs far from the training images are flagged by the out-of-distribution gate, but an unflagged "
+    "input is not guaranteed to be in distribution, and a flagged one still gets a (meaningless) label.",
+    "Grad-CAM maps show which regions drove the score, not where disease is; they can highlight "
+    "text markers, borders or devices (shortcuts).",
+    "Probabilities are softmax scores over the trained classes only: an image of any other condition is "
+    "still forced into one of them.",
+]
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float] | None:
+    """95% Wilson score interval of a proportion (used for accuracy when the model stores no CI)."""
+    if n <= 0:
+        return None
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _metrics_with_ci(metrics: dict[str, Any]) -> dict[str, Any]:
+    out = dict(metrics)
+    n, acc = metrics.get("n"), metrics.get("accuracy")
+    has_ci = any("ci" in str(k).lower() for k in metrics)
+    if not has_ci and isinstance(n, int) and isinstance(acc, (int, float)):
+        interval = wilson_interval(acc * n, n)
+        if interval:
+            out["accuracy_ci95"] = {"low": interval[0], "high": interval[1], "method": "Wilson score interval"}
+    return out
+
+
+def model_identity(bundle: ModelBundle, model_path: str | Path) -> dict[str, str]:
+    return {"name": f"cxrnn-{bundle.backbone_name}-{bundle.head_name}", "version": file_sha256(model_path)[:12],
+            "created": bundle.created}
+
+
+def model_card(bundle: ModelBundle, model_path: str | Path, runtime: str) -> dict[str, Any]:
+    identity = model_identity(bundle, model_path)
+    ood = OodStats.from_extras(bundle.extras)
+    ece = bundle.metrics.get("ece", bundle.extras.get("calibration", {}).get("ece") if isinstance(
+        bundle.extras.get("calibration"), dict) else None)
+    size = bundle.preprocessing.input_size
+    return {
+        **identity,
+        "schema": "cxrnn model card, modelled on MONAI bundle metadata.json",
+        "cxrnn_version": __version__,
+        "task": "chest X-ray classification (" + ", ".join(bundle.classes) + ")",
+        "runtime": runtime,
+        "network": {
+            "backbone": {"name": bundle.backbone_name, "weights": bundle.weights_id,
+                         "grad_cam_layer": bundle.target_layer},
+            "head": {"name": bundle.head_name, "options": bundle.head_options},
+            "feature_map": list(bundle.feature_hw),
+        },
+        "network_data_format": {
+            "inputs": {"image": {"type": "image", "format": "PNG, JPEG or DICOM, any size (resized)",
+                                 "modality": "CR/DX frontal chest X-ray", "num_channels": 1,
+                                 "spatial_shape": [size, size], "value_range": [0, 1],
+                                 "preprocessing": bundle.preprocessing.to_dict()}},
+            "outputs": {"pred": {"type": "probabilities", "num_channels": len(bundle.classes),
+                                 "channel_def": {str(i): c for i, c in enumerate(bundle.classes)}}},
+        },
+        "classes": bundle.classes,
+        "training_data": bundle.extras.get("training_data", {}),
+        "test_metrics": _metrics_with_ci(bundle.metrics),
+        "calibration": {"temperature": bundle.temperature, "ece": ece,
+                        "note": "probabilities are softmax(logits / temperature)"},
+        "out_of_distribution": ood.summary() if ood else None,
+        "intended_use": INTENDED_USE,
+        "limitations": LIMITATIONS,
+        "training_config": {k: bundle.config.get(k) for k in ("optimizer", "lr", "epochs", "batch_size", "seed",
+                                                             "test_size", "val_size", "finetune") if k in bundle.config},
+    }

@@ -1,0 +1,56 @@
+import json
+
+import numpy as np
+import pytest
+
+from cxrnn.audit import run_audit
+from cxrnn.data.dataset import load_dataset
+from cxrnn.data.phantom import PhantomConfig, generate_phantom
+from cxrnn.data.splits import train_val_test_split
+from cxrnn.training.trainer import group_array
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    plain = tmp_path_factory.mktemp("plain")
+    generate_phantom(plain, PhantomConfig(per_class=30, size=96, seed=21))
+    short = tmp_path_factory.mktemp("shortcut")
+    generate_phantom(short, PhantomConfig(per_class=30, size=96, seed=22, sources=3, shortcut=True))
+    return plain, short
+
+
+def test_shortcut_phantom_fails_and_plain_passes(phantoms, tmp_path):
+    plain, short = phantoms
+    ok = run_audit(plain, tmp_path / "plain", cache_dir=tmp_path / "cache")
+    bad = run_audit(short, tmp_path / "short", cache_dir=tmp_path / "cache")
+    assert ok["verdict"] == "ok", ok["checks"]
+    assert ok["checks"]["metadata_shortcut"]["status"] == "ok"
+    assert bad["checks"]["metadata_shortcut"]["status"] == "fail", bad["checks"]["metadata_shortcut"]
+    assert bad["verdict"] == "fail"
+    assert bad["metadata_shortcut_accuracy"] > ok["metadata_shortcut_accuracy"]
+    # the marker corner is what gives it away
+    assert any(f["feature"].startswith("corner_tl") for f in bad["metadata_shortcut"]["top_features"][:3])
+    saved = json.loads((tmp_path / "short" / "audit.json").read_text())
+    for key in ("counts", "duplicate_groups", "label_conflicts", "metadata_shortcut_accuracy", "checks"):
+        assert key in saved
+    assert saved["counts"]["per_source"] and sum(saved["counts"]["per_class"].values()) == 90
+    assert "Verdict: FAIL" in (tmp_path / "short" / "audit.md").read_text()
+
+
+def test_source_group_split_keeps_sources_apart(tmp_path):
+    generate_phantom(tmp_path, PhantomConfig(per_class=10, size=64, seed=23, sources=5))
+    ds = load_dataset(tmp_path)
+    groups = group_array(ds, "source")
+    split = train_val_test_split(ds.labels(), 0.2, 0.25, 0, groups)
+    sides = [set(groups[idx]) for idx in (split.train, split.val, split.test)]
+    assert all(sides)
+    assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+
+
+def test_model_checks_run_on_a_trained_phantom_model(trained_run, phantom_dir, cache_dir, tmp_path):
+    result = run_audit(phantom_dir, tmp_path, model=trained_run.model_path, cache_dir=cache_dir)
+    removed = result["model_checks"]["lesion_removed"]
+    assert 0.0 <= removed["still_abnormal_rate"] <= 1.0 and removed["n_cases"] > 0
+    assert result["checks"]["lesion_removed"]["status"] in ("ok", "warning", "fail")
+    # removing the lesion must make the model less sure of disease than the lesion did
+    assert removed["still_abnormal_rate"] <= removed["abnormal_rate_with_lesion"]

@@ -1,0 +1,86 @@
+import io
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxrnn.audit.duplicates import HashCache, combine_groups, find_duplicates
+from cxrnn.data.dataset import load_dataset
+from cxrnn.data.phantom import PhantomConfig, generate_phantom
+from cxrnn.data.splits import train_val_test_split
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A small phantom (class folders only) with copies planted across classes."""
+    src = tmp_path_factory.mktemp("dup-src")
+    generate_phantom(src, PhantomConfig(per_class=12, size=128, seed=11))
+    root = tmp_path_factory.mktemp("dups")
+    for c in ("covid", "normal", "pneumonia"):
+        shutil.copytree(src / c, root / c)
+    a = np.asarray(Image.open(root / "covid" / "covid_0000.png"))
+    # resized copy filed as normal
+    Image.fromarray(a).resize((96, 96), Image.Resampling.BILINEAR).save(root / "normal" / "copy_resized.png")
+    # JPEG re-encoded copy of another image filed as pneumonia
+    b = np.asarray(Image.open(root / "normal" / "normal_0003.png"))
+    Image.fromarray(b).save(root / "pneumonia" / "copy_reencoded.jpg", quality=70)
+    # copy shifted by 2 px (1.6% of the side), edge-padded, in the same class
+    c = np.asarray(Image.open(root / "pneumonia" / "pneumonia_0005.png"))
+    shifted = np.pad(c, ((2, 0), (2, 0)), mode="edge")[:-2, :-2]
+    Image.fromarray(shifted).save(root / "pneumonia" / "copy_shifted.png")
+    # an exact byte copy filed as covid
+    shutil.copy(root / "normal" / "normal_0007.png", root / "covid" / "copy_exact.png")
+    return root
+
+
+def _group_of(report, name):
+    for g in report.groups:
+        names = [report.paths[i].split("/")[-1] for i in g]
+        if name in names:
+            return sorted(names)
+    return None
+
+
+def test_planted_copies_are_found_and_nothing_else(planted, tmp_path):
+    ds = load_dataset(planted)
+    report = find_duplicates([s.path for s in ds.samples], cache=HashCache(tmp_path))
+    assert _group_of(report, "copy_resized.png") == ["copy_resized.png", "covid_0000.png"]
+    assert _group_of(report, "copy_reencoded.jpg") == ["copy_reencoded.jpg", "normal_0003.png"]
+    assert _group_of(report, "copy_shifted.png") == ["copy_shifted.png", "pneumonia_0005.png"]
+    assert _group_of(report, "copy_exact.png") == ["copy_exact.png", "normal_0007.png"]
+    assert len(report.groups) == 4  # no distinct phantom images merged
+    assert report.kind_of(next(g for g in report.groups if any("copy_exact" in report.paths[i] for i in g))) == "exact"
+    # a second run is served from the cache and agrees
+    again = find_duplicates([s.path for s in ds.samples], cache=HashCache(tmp_path))
+    assert again.groups == report.groups
+
+
+def test_duplicate_groups_never_straddle_a_split(planted, tmp_path):
+    ds = load_dataset(planted)
+    report = find_duplicates([s.path for s in ds.samples], cache=HashCache(tmp_path))
+    groups = report.group_ids()
+    for seed in range(5):
+        split = train_val_test_split(ds.labels(), 0.25, 0.2, seed, groups)
+        side = {}
+        for name, idx in (("train", split.train), ("val", split.val), ("test", split.test)):
+            for i in idx:
+                side[i] = name
+        for g in report.groups:
+            assert len({side[i] for i in g}) == 1
+
+
+def test_combine_groups_is_the_union():
+    a = np.array([0, 0, 1, 2, 3])
+    b = np.array(["x", "y", "y", "z", "w"])
+    ids = combine_groups(a, b)
+    assert ids[0] == ids[1] == ids[2]
+    assert len({ids[0], ids[3], ids[4]}) == 3
+    assert combine_groups(None, None) is None
+
+
+def test_unreadable_file_is_reported_not_fatal(planted, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    report = find_duplicates([bad, planted / "covid" / "covid_0001.png"], cache=HashCache(tmp_path))
+    assert len(report.errors) == 1 and "broken.png" in report.errors[0]
