@@ -46,7 +46,7 @@ __all__ = [
 CLASSES: tuple[str, ...] = ("covid", "normal", "pneumonia")
 ABNORMAL: frozenset[str] = frozenset({"covid", "pneumonia"})
 # Bump whenever rendering changes so a stored phantom.json can tell it is stale.
-PHANTOM_VERSION = "1.1"
+PHANTOM_VERSION = "1.5"
 
 # ---------------------------------------------------------------------------------------
 # Lesion calibration. Every knob that decides how visible the disease is lives here so the
@@ -58,18 +58,19 @@ PHANTOM_VERSION = "1.1"
 # ---------------------------------------------------------------------------------------
 LESION_PARAMS: dict[str, dict[str, tuple[float, float]]] = {
     "pneumonia": {
-        "strength": (0.35, 0.90),      # peak added attenuation of the consolidation
-        "radius": (0.08, 0.17),        # blob radius, in half-image units
+        "strength": (0.60, 1.20),      # peak added attenuation of the consolidation
+        "radius": (0.12, 0.20),        # blob radius, in half-image units
         "lower_zone_p": (0.6, 0.6),    # probability of the lower zone (else mid / upper)
     },
     "covid": {
-        "strength": (0.40, 0.90),      # ground glass: fainter than consolidation
+        "strength": (0.45, 1.00),      # ground glass: fainter than consolidation
         "radius": (0.06, 0.12),
-        "patches": (1, 4),             # patches per lung (inclusive)
+        "patches": (2, 4),             # patches per lung (inclusive)
     },
 }
 RADIUS_EXP = 0.35
 LESION_MASK_FRACTION = 0.35  # mask = added opacity above this fraction of the patch peak
+LESION_DENSITY_CAP = 0.66  # attenuation an opacity saturates at (soft tissue is ~0.55, ribs ~0.67)
 
 
 @dataclass
@@ -507,7 +508,10 @@ def render_case(case_seed: int, label: str, cfg: PhantomConfig, source: int = 0,
             lesion_mask[win] |= fc > LESION_MASK_FRACTION * peak
         lesion_mask &= anat["lung_mask"]
         if lesion:
-            atten = atten + added
+            # Fluid-filled lung approaches soft-tissue density but never exceeds it: saturate the
+            # added opacity below LESION_DENSITY_CAP so lesions never outshine bone or the heart.
+            room = np.maximum(LESION_DENSITY_CAP - atten, 0.0)
+            atten = atten + room * (1.0 - np.exp(-added / np.maximum(room, 1e-3)))
         else:
             lesion_mask[:] = False
 
