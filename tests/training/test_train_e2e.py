@@ -15,6 +15,7 @@ from cxrnn.training.config import TrainConfig
 from cxrnn.training.trainer import train
 
 runner = CliRunner()
+PHANTOM_PER_CLASS = 40  # tests/conftest.py's phantom_dir
 
 
 def test_training_writes_the_run_directory_and_learns(trained_run) -> None:
@@ -38,7 +39,7 @@ def test_second_run_reuses_the_feature_cache(trained_run, phantom_dir, cache_dir
                       cache_dir=str(cache_dir))
     result = train(cfg)
     assert result.cache["computed"] == 0
-    assert result.cache["cached"] == 90
+    assert result.cache["cached"] == 3 * PHANTOM_PER_CLASS
 
 
 def test_evaluate_and_predict_commands(trained_run, phantom_dir, tmp_path) -> None:
@@ -48,7 +49,7 @@ def test_evaluate_and_predict_commands(trained_run, phantom_dir, tmp_path) -> No
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     for key in ("n", "classes", "accuracy", "macro_f1", "macro_auc", "confusion_matrix", "per_class"):
         assert key in metrics
-    assert metrics["n"] == 90
+    assert metrics["n"] == 3 * PHANTOM_PER_CLASS
     for row in metrics["per_class"].values():
         assert set(row) == {"precision", "recall", "specificity", "f1", "auc", "support"}
     assert (tmp_path / "ev" / "roc.png").stat().st_size > 0
@@ -111,5 +112,5 @@ def test_kfold_paper_preset_folds_stay_off_the_test_split(phantom_dir, cache_dir
     result = train(cfg)
     assert len(result.folds) == 3
     n_test = result.metrics["split"]["test"]
-    assert all(f["n_train"] + f["n_val"] == 90 - n_test for f in result.folds)
+    assert all(f["n_train"] + f["n_val"] == 3 * PHANTOM_PER_CLASS - n_test for f in result.folds)
     assert "val_accuracy" in result.metrics["cv"] and "test_accuracy" in result.metrics["cv"]

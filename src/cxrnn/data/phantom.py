@@ -456,6 +456,8 @@ def _lesion(rng: np.random.Generator, label: str, anat: dict[str, np.ndarray], d
             fa = rng.uniform(-0.3, 0.3)
             fv = float(v[iy, ix]) - rng.uniform(0.0, radius * 0.8)
             f *= _soft((vv - fv) - fa * (uu - float(u[iy, ix])), 0.006)
+        # Lobar: the consolidation stays in its own lung, however large it is drawn.
+        f = f * (u[win] < 0 if side < 0 else u[win] > 0)
         patches.append((win, f * strength, strength))
     elif label == "covid":
         p = LESION_PARAMS["covid"]

@@ -31,7 +31,13 @@ def holdout(
     if fraction <= 0:
         return idx, idx[:0]
     if groups is None:
-        keep, out = train_test_split(idx, test_size=fraction, stratify=labels[idx], random_state=seed)
+        # A stratified hold-out needs at least one image per class on each side; small datasets get
+        # that minimum rather than an error.
+        n_classes = len(np.unique(labels[idx]))
+        n_out = min(max(int(np.ceil(fraction * len(idx))), n_classes), len(idx) - n_classes)  # sklearn rounds up too
+        if n_out < n_classes:
+            raise ValueError(f"{len(idx)} images are too few for a stratified {fraction:.0%} hold-out")
+        keep, out = train_test_split(idx, test_size=n_out, stratify=labels[idx], random_state=seed)
         return np.sort(keep), np.sort(out)
     n_splits = max(2, int(round(1.0 / fraction)))
     n_groups = len(np.unique(groups[idx]))
