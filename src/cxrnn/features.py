@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from cxrnn import distributed, runtime
-from cxrnn.data.io import ImageReadError, read_image
+from cxrnn.data.io import ImageReadError, file_digest, read_image
 from cxrnn.feature_matrix import matrix_key, open_matrix, write_matrix
 from cxrnn.models.backbones import Backbone
 from cxrnn.models.preprocess import to_input_tensor
@@ -40,14 +40,6 @@ def default_cache_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))
     return Path(base) / "cxrnn" / "features"
-
-
-def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -25,7 +25,7 @@ import imagehash
 import numpy as np
 from PIL import Image, ImageFilter
 
-from cxrnn.data.io import ImageReadError, read_image
+from cxrnn.data.io import ImageReadError, file_digest, read_image
 
 HASH_VERSION = 1
 HASH_SIZE = 16  # 256-bit pHash
@@ -107,14 +107,6 @@ def hash_image(image: np.ndarray, sha256: str = "") -> ImageHashes:
     return ImageHashes(sha256, pixels, reference, probes_arr)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class HashCache:
     """Hashes keyed by file content, kept in one JSON file so a re-run re-reads no image."""
 
@@ -164,7 +156,7 @@ def hash_files(paths: Sequence[str | Path], cache: HashCache | None = None, prog
     errors: list[str] = []
     for k, p in enumerate(paths):
         try:
-            sha = _file_sha256(Path(p))
+            sha = file_digest(p)
             cached = cache.get(sha) if cache is not None else None
             if cached is None:
                 cached = hash_image(read_image(p), sha)

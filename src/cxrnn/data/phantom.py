@@ -46,7 +46,7 @@ __all__ = [
 CLASSES: tuple[str, ...] = ("covid", "normal", "pneumonia")
 ABNORMAL: frozenset[str] = frozenset({"covid", "pneumonia"})
 # Bump whenever rendering changes so a stored phantom.json can tell it is stale.
-PHANTOM_VERSION = "1.5"
+PHANTOM_VERSION = "1.6"
 
 # ---------------------------------------------------------------------------------------
 # Lesion calibration. Every knob that decides how visible the disease is lives here so the
@@ -59,7 +59,7 @@ PHANTOM_VERSION = "1.5"
 LESION_PARAMS: dict[str, dict[str, tuple[float, float]]] = {
     "pneumonia": {
         "strength": (0.60, 1.20),      # peak added attenuation of the consolidation
-        "radius": (0.12, 0.20),        # blob radius, in half-image units
+        "radius": (0.15, 0.22),        # blob radius, in half-image units
         "lower_zone_p": (0.6, 0.6),    # probability of the lower zone (else mid / upper)
     },
     "covid": {
@@ -69,7 +69,7 @@ LESION_PARAMS: dict[str, dict[str, tuple[float, float]]] = {
     },
 }
 RADIUS_EXP = 0.35
-LESION_MASK_FRACTION = 0.35  # mask = added opacity above this fraction of the patch peak
+LESION_MASK_FRACTION = 0.15  # mask = added opacity above this fraction of the patch peak
 LESION_DENSITY_CAP = 0.66  # attenuation an opacity saturates at (soft tissue is ~0.55, ribs ~0.67)
 
 

@@ -6,12 +6,12 @@ test split, how it is calibrated); nothing is typed in by hand except the intend
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Any
 
 from cxrnn import __version__
+from cxrnn.data.io import file_digest
 from cxrnn.models.bundle import ModelBundle
 from cxrnn.ood import OodStats
 
@@ -31,14 +31,6 @@ LIMITATIONS = [
     "Probabilities are softmax scores over the trained classes only: an image of any other condition is "
     "still forced into one of them.",
 ]
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float] | None:
@@ -64,7 +56,7 @@ def _metrics_with_ci(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_identity(bundle: ModelBundle, model_path: str | Path) -> dict[str, str]:
-    return {"name": f"cxrnn-{bundle.backbone_name}-{bundle.head_name}", "version": file_sha256(model_path)[:12],
+    return {"name": f"cxrnn-{bundle.backbone_name}-{bundle.head_name}", "version": file_digest(model_path)[:12],
             "created": bundle.created}
 
 

@@ -38,7 +38,7 @@ def _load_resized(dataset: Dataset, prep, strict: bool, log: Callable[[str], Non
                   image_cache: str | None = None):
     """Every readable image at the input size (decoded in ``workers`` processes, optionally cached)."""
     from cxrnn.data.loading import DecodedImageCache, ImageFiles, image_loader
-    from cxrnn.features import file_digest
+    from cxrnn.data.io import file_digest
 
     paths = [s.path for s in dataset.samples]
     cache = DecodedImageCache(image_cache) if image_cache else None
