@@ -12,7 +12,6 @@ benchmarks/results/explain_speed.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cxrnn.atomic import atomic_write_json
 from cxrnn.data.phantom import PhantomConfig, render_case
 from cxrnn.explain import CamExplainer
 from cxrnn.models.backbones import create_backbone
@@ -95,10 +95,7 @@ def main() -> None:
                     "load_average_1min": os.getloadavg()[0]},
         "results": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, args.out)
+    atomic_write_json(args.out, report)
     print(f"wrote {args.out}")
 
 

@@ -19,7 +19,6 @@ time slice each (EfficientNet-Lite0 measured 27x slower with 2 threads than 1 at
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from cxrnn import runtime
+from cxrnn.atomic import atomic_write_json
 from cxrnn.models.backbones import create_backbone
 
 BACKBONES = ["efficientnet_lite0", "vgg19", "densenet121", "inception_v3", "inception_resnet_v2"]
@@ -270,11 +270,8 @@ def main() -> None:
     for d in decode:
         print(f"{d['file']:24s} {d['decode_preprocess_ms']:10.1f}            "
               + "  ".join(f"{d[f'{k}_forward_ms']:8.1f}" for k in model_ms))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"machine": machine, "rows": rows, **extra, "decode": decode}
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, args.out)
+    atomic_write_json(args.out, payload)
     print(f"\nwrote {args.out}")
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from cxrnn.atomic import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {"inception_v3": (2048, 5, 5), "densenet121": (1024, 7, 7), "vgg19": (512, 7, 7)}
@@ -123,10 +124,7 @@ def main() -> None:
     print(f"largest memmap peak {worst:.0f} MiB vs the 2 GiB target: {'met' if worst < limit else 'NOT met'}")
     payload = {"simulated_store": True, "row_mib": row_mib, "rows": rows, "target_mib": limit,
                "note": "feature maps are random values in the store's format; see the module docstring"}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, args.out)
+    atomic_write_json(args.out, payload)
     print(f"wrote {args.out}")
 
 

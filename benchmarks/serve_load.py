@@ -10,7 +10,6 @@ benchmarks/results/serve_load.json (latency p50/p95, throughput, errors, the ser
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import socket
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+from cxrnn.atomic import atomic_write_json
 
 HOST = "127.0.0.1"  # loopback only: this benchmark never sends traffic anywhere else
 
@@ -144,9 +145,7 @@ def main() -> None:
                            "python": platform.python_version(),
                            # other work on the machine skews every number: recorded so runs can be compared
                            "load_average_1m_at_end": os.getloadavg()[0]}, "results": rows}
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, out)
+    atomic_write_json(out, payload)
     print(f"wrote {out}")
 
 

@@ -19,7 +19,6 @@ Writes benchmarks/results/train_speed.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from cxrnn.atomic import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -52,8 +53,8 @@ def main() -> None:
     from cxrnn.data.io import read_image
     from cxrnn.data.phantom import PhantomConfig, generate_phantom
     from cxrnn.data.splits import train_val_test_split
-    from cxrnn.features import FeatureStore
     from cxrnn.feature_matrix import FeatureRows
+    from cxrnn.features import FeatureStore
     from cxrnn.models.backbones import create_backbone
     from cxrnn.models.bundle import build_network
     from cxrnn.models.preprocess import to_input_tensor
@@ -145,10 +146,7 @@ def main() -> None:
                            "ratio": seed_s / cached_s},
         "paper_protocol": protocol,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, args.out)
+    atomic_write_json(args.out, payload)
     print(f"wrote {args.out}")
 
 

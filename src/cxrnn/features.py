@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,7 +24,8 @@ import numpy as np
 import torch
 
 from cxrnn import distributed, runtime
-from cxrnn.data.io import ImageReadError, file_digest, read_image
+from cxrnn.atomic import atomic_write, atomic_write_bytes
+from cxrnn.data.io import ImageReadError, file_digest
 from cxrnn.feature_matrix import matrix_key, open_matrix, write_matrix
 from cxrnn.models.backbones import Backbone
 from cxrnn.models.preprocess import to_input_tensor
@@ -80,7 +80,7 @@ class FeatureStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         info = self.directory / "store.json"
         if not info.exists():
-            _atomic_write_bytes(info, json.dumps(identity, indent=2).encode())
+            atomic_write_bytes(info, json.dumps(identity, indent=2).encode())
 
     def path_for(self, digest: str) -> Path:
         return self.directory / digest[:2] / f"{digest}.npy"
@@ -196,16 +196,7 @@ class FeatureStore:
         return out
 
     def _write(self, digest: str, fmap: np.ndarray) -> None:
-        target = self.path_for(digest)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, fmap.astype(self.dtype, copy=False))
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(self.path_for(digest), lambda fh: np.save(fh, fmap.astype(self.dtype, copy=False)))
 
 
 def _os_reason(exc: OSError) -> str:
@@ -215,9 +206,3 @@ def _os_reason(exc: OSError) -> str:
         return "is a directory, not an image file"
     return f"cannot read file ({exc.strerror or exc})"
 
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ import imagehash
 import numpy as np
 from PIL import Image, ImageFilter
 
+from cxrnn.atomic import atomic_write_text
 from cxrnn.data.io import ImageReadError, file_digest, read_image
 
 HASH_VERSION = 1
@@ -140,10 +139,7 @@ class HashCache:
                 merged = {**json.loads(self.path.read_text()), **self.entries}
             except (OSError, ValueError):
                 merged = self.entries
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-            with os.fdopen(fd, "w") as fh:
-                json.dump(merged, fh)
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, json.dumps(merged))
             self.dirty = False
         except OSError:
             pass  # a read-only cache only costs speed

@@ -9,8 +9,6 @@ image cache, happens once per file and input size instead of once per run.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from cxrnn.atomic import atomic_write
 from cxrnn.data.io import ImageReadError, read_image
 from cxrnn.models.backbones import Preprocessing
 from cxrnn.models.preprocess import resize_to_input
@@ -46,15 +45,7 @@ class DecodedImageCache:
             except (OSError, ValueError):
                 pass  # a damaged cache entry is rebuilt below
         image = resize_to_input(read_image(path), prep)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, image)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(target, lambda fh: np.save(fh, image))
         return image
 
 

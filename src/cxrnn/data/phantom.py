@@ -21,7 +21,6 @@ import math
 import multiprocessing as mp
 import json
 import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -30,6 +29,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+
+from cxrnn.atomic import atomic_write_bytes
 
 __all__ = [
     "CLASSES",
@@ -561,20 +562,6 @@ def render_case(case_seed: int, label: str, cfg: PhantomConfig, source: int = 0,
     return PhantomCase(image=img, lesion_mask=lesion_mask, lung_mask=anat["lung_mask"], marker_box=marker_box)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _png_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG", compress_level=1)  # speed over a few % of disk
@@ -609,12 +596,12 @@ def _render_and_write(out: Path, cfg: PhantomConfig, label: str, index: int, sou
     stem = f"{label}_{index:04d}"
     img_rel = f"{label}/{stem}.png"
     lung_rel = f"masks/{stem}_lungs.png"
-    _atomic_write_bytes(out / img_rel, _png_bytes(_to_u8(case.image)))
-    _atomic_write_bytes(out / lung_rel, _png_bytes(case.lung_mask.astype(np.uint8) * 255))
+    atomic_write_bytes(out / img_rel, _png_bytes(_to_u8(case.image)))
+    atomic_write_bytes(out / lung_rel, _png_bytes(case.lung_mask.astype(np.uint8) * 255))
     mask_rel = ""
     if label in ABNORMAL:
         mask_rel = f"masks/{stem}_lesion.png"
-        _atomic_write_bytes(out / mask_rel, _png_bytes(case.lesion_mask.astype(np.uint8) * 255))
+        atomic_write_bytes(out / mask_rel, _png_bytes(case.lesion_mask.astype(np.uint8) * 255))
     row = [img_rel, label, f"P{pid:05d}", f"hospital_{source}", mask_rel, lung_rel, str(seed)]
     if cfg.shortcut:
         row.append("1" if case.marker_box is not None else "0")
@@ -687,12 +674,12 @@ def generate_phantom(
     if cfg.shortcut:
         header.append("marker")
     meta = {**asdict(cfg), "classes": list(CLASSES), "version": PHANTOM_VERSION}
-    _atomic_write_bytes(out / "phantom.json", (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(out / "phantom.json", (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
     manifest = out / "manifest.csv"
     # The manifest goes last: its presence means every image it lists is complete.
-    _atomic_write_bytes(manifest, buf.getvalue().encode())
+    atomic_write_bytes(manifest, buf.getvalue().encode())
     return manifest

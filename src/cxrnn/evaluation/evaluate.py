@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from cxrnn.atomic import atomic_write_text
 from cxrnn.data.dataset import Dataset
 from cxrnn.evaluation.metrics import compute_metrics
 from cxrnn.evaluation.plots import plot_confusion_matrix, plot_roc
@@ -65,12 +64,3 @@ def write_evaluation(out_dir: str | Path, y_true: np.ndarray, probs: np.ndarray,
             writer.writerow([path, classes[int(truth)], classes[int(np.argmax(row))], *[f"{p:.6f}" for p in row]])
         atomic_write_text(out / "predictions.csv", buf.getvalue())
     return metrics
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-    return path

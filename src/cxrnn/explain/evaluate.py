@@ -24,7 +24,7 @@ from scipy import ndimage
 
 from cxrnn.data.dataset import Dataset, Sample, load_dataset
 from cxrnn.data.io import ImageReadError, read_image
-from cxrnn.evaluation.evaluate import atomic_write_text
+from cxrnn.atomic import atomic_write_text
 from cxrnn.explain.cam import CamExplainer
 from cxrnn.models.bundle import ModelBundle
 

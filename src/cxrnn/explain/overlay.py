@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 from PIL import Image
 
+from cxrnn.atomic import atomic_write_bytes
 from cxrnn.explain.cam import Explanation
 
 
@@ -37,28 +36,16 @@ def overlay_cam(image: np.ndarray, cam: np.ndarray, alpha: float = 0.4, colormap
     return np.round(blended * 255).astype(np.uint8)
 
 
-def _write_atomic(path: Path, data: bytes) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def save_png(path: str | Path, rgb: np.ndarray) -> Path:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")
-    return _write_atomic(Path(path), buf.getvalue())
+    return atomic_write_bytes(Path(path), buf.getvalue())
 
 
 def save_npy(path: str | Path, array: np.ndarray) -> Path:
     buf = io.BytesIO()
     np.save(buf, array)
-    return _write_atomic(Path(path), buf.getvalue())
+    return atomic_write_bytes(Path(path), buf.getvalue())
 
 
 def panel_figure(
@@ -103,7 +90,7 @@ def save_panel(path: str | Path, image: np.ndarray, cam: np.ndarray, probabiliti
     fig = panel_figure(image, cam, probabilities, title, target, alpha, colormap)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    return _write_atomic(Path(path), buf.getvalue())
+    return atomic_write_bytes(Path(path), buf.getvalue())
 
 
 class OutputNamer:

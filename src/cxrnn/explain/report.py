@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from cxrnn.evaluation.evaluate import atomic_write_text
+from cxrnn.atomic import atomic_write_text
 from cxrnn.explain.export import explain_to_dir
 from cxrnn.models.bundle import load_bundle
 

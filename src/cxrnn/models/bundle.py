@@ -8,8 +8,6 @@ predict, explain and serve never re-derive it.
 from __future__ import annotations
 
 import datetime as _dt
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 import torch
 
 from cxrnn import __version__
+from cxrnn.atomic import atomic_write
 from cxrnn.models.backbones import Backbone, Preprocessing, get_spec
 from cxrnn.models.heads import create_head
 from cxrnn.models.network import CxrNet
@@ -80,16 +79,7 @@ def save_bundle(bundle: ModelBundle, path: str | Path) -> Path:
         "metrics": _plain(bundle.metrics),
         "extras": _plain(bundle.extras),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda fh: torch.save(payload, fh))
 
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> ModelBundle:

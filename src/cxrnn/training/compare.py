@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from cxrnn.evaluation.evaluate import atomic_write_text
+from cxrnn.atomic import atomic_write_text
 from cxrnn.training.config import TrainConfig
 
 Log = Callable[[str], None]

@@ -19,7 +19,8 @@ import torch
 
 from cxrnn.data.dataset import Dataset, load_dataset
 from cxrnn.data.splits import kfold, train_val_test_split
-from cxrnn.evaluation.evaluate import atomic_write_text, write_evaluation
+from cxrnn.atomic import atomic_write_text
+from cxrnn.evaluation.evaluate import write_evaluation
 from cxrnn.evaluation.honest import add_uncertainty, calibrate, head_logits, leave_one_source_out, report_sections, split_groups
 from cxrnn.evaluation.metrics import compute_metrics
 from cxrnn.evaluation.report import write_report
@@ -28,7 +29,7 @@ from cxrnn.features import FeatureStore
 from cxrnn.models.backbones import create_backbone
 from cxrnn.models.bundle import ModelBundle, build_network, save_bundle
 from cxrnn.training.config import TrainConfig
-from cxrnn.training.loop import evaluate_logits, fit_head, rows_logits
+from cxrnn.training.loop import fit_head, rows_logits
 
 # (stage, done, total) -> None; stages: "extract", "epoch", "fold"
 Progress = Callable[[str, int, int], None]
