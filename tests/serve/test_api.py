@@ -54,7 +54,7 @@ def test_health_model_card_page_and_schema(client):
     for key in ("name", "version", "network", "classes", "training_data", "test_metrics", "calibration",
                 "intended_use", "limitations", "out_of_distribution"):
         assert key in card, key
-    assert card["network"]["backbone"]["name"] == "efficientnet_lite0" and card["network"]["head"]["name"] == "lstm"
+    assert card["network"]["backbone"]["name"] == "efficientnet_lite0" and card["network"]["head"]["name"] == "bilstm"
     assert card["training_data"]["n_images"] > 0
     ci = card["test_metrics"]["accuracy_ci95"]
     assert ci["low"] <= card["test_metrics"]["accuracy"] <= ci["high"]

@@ -27,7 +27,7 @@ def test_training_writes_the_run_directory_and_learns(trained_run) -> None:
     assert metrics["classes"] == ["covid", "normal", "pneumonia"]
     assert set(metrics["per_class"]) == {"covid", "normal", "pneumonia"}
     assert metrics["accuracy"] > 0.6  # chance is 0.33
-    assert TrainConfig.from_yaml(run / "config.yaml").head == "lstm"
+    assert TrainConfig.from_yaml(run / "config.yaml").head == "bilstm"
     # the model file is plain data: it loads with weights_only=True
     payload = torch.load(run / "model.pt", weights_only=True)
     assert payload["classes"] == ["covid", "normal", "pneumonia"]

@@ -36,7 +36,7 @@ def phantom(
 def train(
     data: Optional[str] = typer.Option(None, help="Dataset folder (ROOT/<class>/...) or CSV manifest."),
     backbone: Optional[str] = typer.Option(None, help="vgg19, densenet121, inception_v3, inception_resnet_v2, efficientnet_lite0 or a timm name."),
-    head: Optional[str] = typer.Option(None, help="lstm (default), gru, bilstm, pool or paper."),
+    head: Optional[str] = typer.Option(None, help="bilstm (default), lstm, gru, pool or paper."),
     weights: Optional[str] = typer.Option(None, help="imagenet, none or a local state-dict file."),
     out: Optional[str] = typer.Option(None, help="Run directory."),
     config: Optional[Path] = typer.Option(None, help="YAML file with any of these options."),

@@ -100,6 +100,12 @@ def explain_eval(
                       fmt(row["energy_in_lesion"]), fmt(row["lesion_area_share"]), fmt(row["energy_in_lungs"]),
                       fmt(row["lungs_area_share"]), fmt(row["predicted_correctly"]))
     out_console.print(table)
+    removed = result.get("lesion_removed")
+    if removed:
+        out_console.print(
+            f"lesion removed: {removed['abnormal_rate_with_lesion']:.3f} of {removed['n_cases']} abnormal cases called "
+            f"abnormal with their lesion, {removed['still_abnormal_rate']:.3f} without it (a model that uses the "
+            "lesion drops to near 0; then a low hit rate is the map's failure, not a shortcut)", highlight=False)
     out_console.print(f"wrote {path}")
     if result["errors"]:
         console.print(f"{len(result['errors'])} file(s) could not be read", highlight=False)

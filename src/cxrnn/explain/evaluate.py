@@ -6,6 +6,11 @@ Over the abnormal images (those whose ``mask`` column names a non-empty lesion m
 - energy in lesion / lungs: the share of the map's total mass inside the (undilated) lesion mask and
   inside the lung mask (``lung_mask`` column, when present).
 
+On a cxrnn phantom the result also carries ``lesion_removed``: the same abnormal cases re-rendered
+without their lesion, classified again. It separates the two reasons a map can miss: when removing the
+lesion flips the prediction to normal, the model does use the lesion and a miss is the attribution
+method's failure, not a shortcut.
+
 Chance levels are reported next to them: a map with its maximum at a uniformly random pixel hits with
 probability (dilated lesion area / image area), and a flat map puts (mask area / image area) of its energy
 in a mask. A map is only informative as far as it beats those.
@@ -159,6 +164,9 @@ def evaluate_explanations(
         raise ValueError(f"{dataset.root}: no readable image with a non-empty lesion mask")
     classes = [c for c in bundle.classes if any(r["label"] == c for r in rows)]
     summary = _summarise(rows)
+    from cxrnn.audit.shortcut import lesion_removed_test
+
+    lesion_removed = lesion_removed_test(bundle, dataset)
     return {
         **summary,
         "per_class": {c: _summarise([r for r in rows if r["label"] == c]) for c in classes},
@@ -167,6 +175,7 @@ def evaluate_explanations(
         "target": target,
         "tolerance": POINTING_TOLERANCE,
         "data": str(dataset.root),
+        "lesion_removed": lesion_removed,
         "errors": errors,
         "images": rows,
     }

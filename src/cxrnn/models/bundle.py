@@ -17,11 +17,11 @@ import torch
 from cxrnn import __version__
 from cxrnn.atomic import atomic_write
 from cxrnn.models.backbones import Backbone, Preprocessing, get_spec
-from cxrnn.models.heads import create_head
+from cxrnn.models.heads import RecurrentHead, create_head
 from cxrnn.models.network import CxrNet
 
 FORMAT = "cxrnn-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: recurrent heads store their summary (1 meant "last_mean")
 
 
 @dataclass
@@ -71,7 +71,7 @@ def save_bundle(bundle: ModelBundle, path: str | Path) -> Path:
             "target_layer": bundle.net.backbone.spec.target_layer,
         },
         "preprocessing": bundle.preprocessing.to_dict(),
-        "head": {"name": bundle.head_name, "options": _plain(bundle.head_options)},
+        "head": {"name": bundle.head_name, "options": _plain(_resolved_head_options(bundle))},
         "feature_hw": list(bundle.feature_hw),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in bundle.net.state_dict().items()},
         "config": _plain(bundle.config),
@@ -80,6 +80,14 @@ def save_bundle(bundle: ModelBundle, path: str | Path) -> Path:
         "extras": _plain(bundle.extras),
     }
     return atomic_write(path, lambda fh: torch.save(payload, fh))
+
+
+def _resolved_head_options(bundle: ModelBundle) -> dict[str, Any]:
+    # Defaults change between versions; the file records what this network was built with.
+    options = dict(bundle.head_options)
+    if isinstance(bundle.net.head, RecurrentHead):
+        options.setdefault("summary", bundle.net.head.summary)
+    return options
 
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> ModelBundle:
@@ -101,12 +109,15 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> ModelBu
     backbone = Backbone(spec, timm.create_model(spec.timm_name, pretrained=False), payload["backbone"]["weights"])
     backbone.preprocessing = prep
     hw = tuple(payload["feature_hw"])
+    head_options = dict(payload["head"]["options"])
+    if int(payload.get("format_version", 0)) < 2 and payload["head"]["name"] in ("lstm", "gru", "bilstm"):
+        head_options.setdefault("summary", "last_mean")
     head = create_head(
         payload["head"]["name"],
         spec.feature_channels,
         hw[0] * hw[1],
         len(payload["classes"]),
-        **payload["head"]["options"],
+        **head_options,
     )
     net = CxrNet(backbone, head)
     net.load_state_dict(payload["state_dict"])
@@ -118,7 +129,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> ModelBu
         backbone_name=payload["backbone"]["name"],
         weights_id=payload["backbone"]["weights"],
         head_name=payload["head"]["name"],
-        head_options=dict(payload["head"]["options"]),
+        head_options=head_options,
         feature_hw=(int(hw[0]), int(hw[1])),
         config=dict(payload.get("config", {})),
         temperature=float(payload.get("temperature", 1.0)),

@@ -16,7 +16,7 @@ SCHEDULES = ("constant", "exponential", "cosine")
 class TrainConfig:
     data: str = ""
     backbone: str = "efficientnet_lite0"
-    head: str = "lstm"
+    head: str = "bilstm"
     weights: str = "imagenet"
     out: str = "runs/train"
     seed: int = 0
