@@ -3,7 +3,7 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from cxrnn.audit.duplicates import HashCache, combine_groups, find_duplicates
 from cxrnn.data.dataset import load_dataset
@@ -84,3 +84,58 @@ def test_unreadable_file_is_reported_not_fatal(planted, tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
     report = find_duplicates([bad, planted / "covid" / "covid_0001.png"], cache=HashCache(tmp_path))
     assert len(report.errors) == 1 and "broken.png" in report.errors[0]
+
+
+@pytest.fixture(scope="module")
+def augmented(tmp_path_factory):
+    """60 distinct phantom images (128 px, another seed) plus augmented copies of four of them, each
+    filed in another class: shifted by 4% of the side, cropped by 10% and resized back, rotated by 7
+    degrees (black corners) and mirrored. The pHash pass finds none of these copies."""
+    src = tmp_path_factory.mktemp("aug-src")
+    generate_phantom(src, PhantomConfig(per_class=20, size=128, seed=5))
+    root = tmp_path_factory.mktemp("aug")
+    for c in ("covid", "normal", "pneumonia"):
+        shutil.copytree(src / c, root / c)
+
+    def load(rel):
+        return Image.open(root / rel).convert("L")
+
+    a = np.asarray(load("covid/covid_0002.png"))
+    shifted = np.pad(a, ((5, 0), (0, 5)), mode="edge")[:-5, 5:]  # 5 px = 4% down and left
+    Image.fromarray(shifted).save(root / "normal" / "copy_shift4.png")
+    b = load("normal/normal_0004.png")
+    b.crop((4, 9, 4 + 115, 9 + 115)).resize((128, 128), Image.Resampling.BILINEAR).save(
+        root / "pneumonia" / "copy_crop10.png")  # 10% off, off-centre
+    c = load("pneumonia/pneumonia_0006.png")
+    c.rotate(7, resample=Image.Resampling.BILINEAR).save(root / "covid" / "copy_rot7.png")
+    ImageOps.mirror(load("covid/covid_0008.png")).save(root / "normal" / "copy_mirror.png")
+    return root
+
+
+AUGMENTED_GROUPS = {
+    "copy_shift4.png": ["copy_shift4.png", "covid_0002.png"],
+    "copy_crop10.png": ["copy_crop10.png", "normal_0004.png"],
+    "copy_rot7.png": ["copy_rot7.png", "pneumonia_0006.png"],
+    "copy_mirror.png": ["copy_mirror.png", "covid_0008.png"],
+}
+
+
+def test_shifted_cropped_rotated_and_mirrored_copies_are_grouped(augmented, tmp_path):
+    paths = [s.path for s in load_dataset(augmented).samples]
+    assert len(paths) == 64
+    report = find_duplicates(paths, cache=HashCache(tmp_path))
+    for copy, members in AUGMENTED_GROUPS.items():
+        assert _group_of(report, copy) == members
+    assert len(report.groups) == 4  # none of the 60 distinct images is merged with another
+    assert not report.exact_pairs
+    # every group was formed by the alignment pass, and its pairs are listed as near pairs too
+    aligned = {frozenset((i, j)) for i, j, _ in report.aligned_pairs}
+    assert aligned == {frozenset(g) for g in report.groups}
+    assert {frozenset((i, j)) for i, j, _ in report.near_pairs} == aligned
+    assert all(ncc >= report.align_threshold for _, _, ncc in report.aligned_pairs)
+    assert all(bits > report.threshold for _, _, bits in report.near_pairs)
+    # a second run reads hashes and thumbnails from the cache and agrees
+    again = find_duplicates(paths, cache=HashCache(tmp_path))
+    assert again.groups == report.groups and again.aligned_pairs == report.aligned_pairs
+    # the pHash pass alone misses all of them
+    assert find_duplicates(paths, cache=HashCache(tmp_path), align_threshold=None).groups == []

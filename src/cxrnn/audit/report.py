@@ -102,7 +102,8 @@ def run_audit(data: str | Path, out: str | Path | None = None, model: str | Path
     checks["duplicates"] = _check(
         "warning" if groups else "ok", in_groups,
         f"{len(groups)} duplicate group(s) holding {in_groups} images ({len(dups.exact_pairs)} exact pair(s), "
-        f"{len(dups.near_pairs)} near pair(s) within {threshold} bits); cxrnn splits keep each group on one side")
+        f"{len(dups.near_pairs) - len(dups.aligned_pairs)} near pair(s) within {threshold} bits, "
+        f"{len(dups.aligned_pairs)} found by alignment); cxrnn splits keep each group on one side")
     checks["label_conflicts"] = _check("fail" if conflicts else "ok", len(conflicts),
                                        f"{len(conflicts)} duplicate group(s) carry more than one label")
 
@@ -173,7 +174,9 @@ def run_audit(data: str | Path, out: str | Path | None = None, model: str | Path
         "images": per_class_images,
         "duplicate_groups": groups,
         "duplicate_pairs": {"exact": [[paths[i], paths[j]] for i, j in dups.exact_pairs],
-                            "near": [{"paths": [paths[i], paths[j]], "bits": b} for i, j, b in dups.near_pairs]},
+                            "near": [{"paths": [paths[i], paths[j]], "bits": b} for i, j, b in dups.near_pairs],
+                            "aligned": [{"paths": [paths[i], paths[j]], "ncc": round(float(c), 4)}
+                                        for i, j, c in dups.aligned_pairs]},
         "near_duplicate_threshold": threshold,
         "label_conflicts": conflicts,
         "metadata_shortcut_accuracy": acc,

@@ -86,7 +86,10 @@ def bootstrap_ci(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str
         v = values[np.isfinite(values)]
         if len(v) == 0:
             return {"low": None, "high": None}
-        lo, hi = np.quantile(v, [alpha, 1 - alpha])
+        # Bounds are replicate values themselves: interpolating between two 1.0 replicates gives
+        # 0.9999999999999999, an interval that misses a perfect point estimate.
+        lo = np.quantile(v, alpha, method="lower")
+        hi = np.quantile(v, 1 - alpha, method="higher")
         return {"low": float(lo), "high": float(hi)}
 
     ci: dict[str, Any] = {"level": level, "n_boot": int(n_boot), "method": "percentile bootstrap over test images"}

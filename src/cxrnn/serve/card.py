@@ -41,7 +41,8 @@ def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[floa
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At p = 0 or 1 the exact bound is p itself; rounding would otherwise leave p just outside.
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def _metrics_with_ci(metrics: dict[str, Any]) -> dict[str, Any]:
