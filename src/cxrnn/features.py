@@ -25,7 +25,7 @@ import torch
 
 from cxrnn import distributed, runtime
 from cxrnn.atomic import atomic_write, atomic_write_bytes
-from cxrnn.data.io import ImageReadError, file_digest
+from cxrnn.data.io import ImageReadError, as_read_error, file_digest
 from cxrnn.feature_matrix import matrix_key, open_matrix, write_matrix
 from cxrnn.models.backbones import Backbone
 from cxrnn.models.preprocess import to_input_tensor
@@ -101,7 +101,7 @@ class FeatureStore:
             try:
                 digests.append(file_digest(p))
             except OSError as exc:
-                err = ImageReadError(Path(p), _os_reason(exc))
+                err = as_read_error(p, exc)
                 if strict:
                     raise err from exc
                 warn(f"skipped {err}")
@@ -197,12 +197,3 @@ class FeatureStore:
 
     def _write(self, digest: str, fmap: np.ndarray) -> None:
         atomic_write(self.path_for(digest), lambda fh: np.save(fh, fmap.astype(self.dtype, copy=False)))
-
-
-def _os_reason(exc: OSError) -> str:
-    if isinstance(exc, FileNotFoundError):
-        return "file not found"
-    if isinstance(exc, IsADirectoryError):
-        return "is a directory, not an image file"
-    return f"cannot read file ({exc.strerror or exc})"
-

@@ -52,7 +52,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from cxrnn.atomic import atomic_write_bytes, atomic_write_text
-from cxrnn.data.io import ImageReadError, file_digest, read_image
+from cxrnn.data.io import ImageReadError, as_read_error, file_digest, read_image
 
 HASH_VERSION = 2  # 2: thumbnails for the alignment pass
 HASH_SIZE = 16  # 256-bit pHash
@@ -242,11 +242,8 @@ def hash_files(paths: Sequence[str | Path], cache: HashCache | None = None, prog
                 if cache is not None:
                     cache.put(cached)
             out.append(cached)
-        except ImageReadError as err:
-            errors.append(str(err))
-            out.append(None)
-        except OSError as exc:
-            errors.append(f"{p}: cannot read file ({exc.strerror or exc})")
+        except (ImageReadError, OSError) as exc:
+            errors.append(str(as_read_error(p, exc)))
             out.append(None)
         if errors and warn and out[-1] is None:
             warn(f"skipped {errors[-1]}")

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrnn.data.io import ImageReadError, read_image, sniff_format
+from cxrnn.data.io import ImageReadError, as_read_error, read_image, sniff_format
 
 CORNER = 0.15  # corner patches: 15% of each side, where burned-in labels and markers sit
 BORDER = 0.05  # border strips: 5% of the side (collimation edges, padding)
@@ -95,11 +95,8 @@ def read_metadata(paths: Sequence[str | Path], progress: Callable[[int, int], No
                 mode, bits = "unknown", 0
             out.append(ImageMeta(str(p), image.shape[1], image.shape[0], bits, mode, fmt, len(data),
                                  region_stats(image)))
-        except ImageReadError as err:
-            errors.append(str(err))
-            out.append(None)
-        except OSError as exc:
-            errors.append(f"{p}: cannot read file ({exc.strerror or exc})")
+        except (ImageReadError, OSError) as exc:
+            errors.append(str(as_read_error(p, exc)))
             out.append(None)
         if progress:
             progress(k + 1, len(paths))

@@ -152,17 +152,27 @@ def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarra
 def _read_bytes(path: Path, label: Path) -> bytes:
     try:
         return path.read_bytes()
-    except FileNotFoundError:
-        raise ImageReadError(label, "file not found") from None
-    except IsADirectoryError:
-        raise ImageReadError(label, "is a directory, not an image file") from None
-    except PermissionError:
-        # Windows reports directories as PermissionError, so check first.
-        if path.is_dir():
-            raise ImageReadError(label, "is a directory, not an image file") from None
-        raise ImageReadError(label, "cannot read file (permission denied)") from None
     except OSError as exc:
-        raise ImageReadError(label, f"cannot read file ({_one_line(exc)})") from None
+        raise ImageReadError(label, os_error_reason(exc, path)) from None
+
+
+def os_error_reason(exc: OSError, path: Path | None = None) -> str:
+    """One-line reason for an OSError met while reading an image file."""
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    # Windows reports directories as PermissionError, so check the path too.
+    if isinstance(exc, IsADirectoryError) or (isinstance(exc, PermissionError) and path is not None and path.is_dir()):
+        return "is a directory, not an image file"
+    if isinstance(exc, PermissionError):
+        return "cannot read file (permission denied)"
+    return f"cannot read file ({_one_line(exc)})"
+
+
+def as_read_error(path: str | Path, exc: ImageReadError | OSError) -> ImageReadError:
+    """Either way reading an image file fails, as one ImageReadError ('PATH: reason')."""
+    if isinstance(exc, ImageReadError):
+        return exc
+    return ImageReadError(Path(path), os_error_reason(exc, Path(path)))
 
 
 def _one_line(exc: BaseException, limit: int = 200) -> str:
