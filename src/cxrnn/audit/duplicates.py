@@ -49,6 +49,8 @@ from pathlib import Path
 
 import imagehash
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from cxrnn.atomic import atomic_write_bytes, atomic_write_text
@@ -312,17 +314,9 @@ _DESC_CROP, _DESC_SIDE = 8, 16  # descriptor: registered 64 px image, border cro
 _CHUNK = 64  # images or pairs per batch
 
 
-def _torch():
-    import torch
-    import torch.nn.functional as F
-
-    return torch, F
-
-
 def _binomial(x, taps: int):
     """Separable binomial blur of (B, 1, H, W), replicated borders: 3 taps ~ sigma 0.7 px, 5 taps ~ 1 px.
     (Shifted-slice sums: on CPU they beat conv2d and pooling for such small kernels.)"""
-    _, F = _torch()
     k = {3: (0.25, 0.5, 0.25), 5: (0.0625, 0.25, 0.375, 0.25, 0.0625)}[taps]
     r, (h, w) = taps // 2, x.shape[-2:]
     xp = F.pad(x, (r, r, r, r), mode="replicate")
@@ -337,7 +331,6 @@ def _binomial(x, taps: int):
 
 def _erode(m, r: int):
     """Binary erosion of a (B, 1, H, W) 0/1 mask by a (2r+1) square; outside the image counts as 0."""
-    torch, F = _torch()
     if r <= 0:
         return m
     h, w = m.shape[-2:]
@@ -353,7 +346,6 @@ def _erode(m, r: int):
 
 def _warp(x, A, t):
     """Sample x (B, C, w, w) at A p + t, p and t in pixels about the centre, (x, y) order; bilinear, 0 outside."""
-    torch, F = _torch()
     w = x.shape[-1]
     theta = torch.cat([A, (2.0 * t / w).unsqueeze(-1)], dim=-1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
@@ -377,7 +369,6 @@ class _Pyramid:
     """Thumbnails of a batch at 32, 64 and 128 px: blurred images, content masks and a band-pass image."""
 
     def __init__(self, thumbs: np.ndarray, fills: np.ndarray, mirror: np.ndarray | None = None):
-        torch, F = _torch()
         x = torch.from_numpy(np.ascontiguousarray(thumbs)).float().unsqueeze(1) / 255.0
         v = torch.from_numpy(~np.ascontiguousarray(fills)).float().unsqueeze(1)
         if mirror is not None and mirror.any():
@@ -398,7 +389,6 @@ class _Pyramid:
 
 def _inv2(M):
     """Inverse of a batch of 2x2 matrices (a determinant near 0 is held away from it)."""
-    torch, _ = _torch()
     a, b, c, d = M[:, 0, 0], M[:, 0, 1], M[:, 1, 0], M[:, 1, 1]
     det = a * d - b * c
     det = torch.where(det >= 0, det.clamp_min(1e-6), det.clamp_max(-1e-6))
@@ -406,7 +396,6 @@ def _inv2(M):
 
 
 def _similarity(scale: float, degrees: float):
-    torch, _ = _torch()
     th = np.deg2rad(degrees)
     return torch.tensor([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]], dtype=torch.float32) / scale
 
@@ -415,7 +404,6 @@ def _lk(src: _Pyramid, tmpl: _Pyramid, w: int, A, t, iters: int):
     """Inverse-compositional Lucas-Kanade at level w: refine the affine warp (A, t) so that
     src(A p + t) matches gain * tmpl(p) + bias over the pixels where both have content.
     W(p; d) = [[1 + d0, d1], [d2, 1 + d3]] p + (d4, d5); the update is W <- W o W(d)^-1."""
-    torch, _ = _torch()
     T = tmpl.img[w]
     half = (w - 1) / 2.0
     p = torch.arange(w, dtype=torch.float32) - half
@@ -458,7 +446,6 @@ def _overlap(src: _Pyramid, tmpl: _Pyramid, w: int, A, t, rim: int):
 
 def _score(src: _Pyramid, tmpl: _Pyramid, A, t):
     """Band-pass NCC at THUMB_SIZE over the common content (-1 where it covers < _MIN_OVERLAP)."""
-    torch, _ = _torch()
     m = _overlap(src, tmpl, THUMB_SIZE, A, t, 3)
     c = torch.nan_to_num(_ncc(_warp(src.band, A, t), tmpl.band, m), nan=-1.0)
     enough = m.mean((1, 2, 3)) >= _MIN_OVERLAP
@@ -467,7 +454,6 @@ def _score(src: _Pyramid, tmpl: _Pyramid, A, t):
 
 def _coarse(src: _Pyramid, tmpl: _Pyramid):
     """Phase correlation at 32 px of zoomed and rotated variants of src: the best (A, t) per item."""
-    torch, _ = _torch()
     w = 32
     Ms = torch.stack([_similarity(s, r) for s in _COARSE_SCALES for r in _COARSE_ROTATIONS])
     V, B = len(Ms), src.img[w].shape[0]
@@ -501,7 +487,6 @@ def _register(src: _Pyramid, tmpl: _Pyramid):
 def _descriptors(src: _Pyramid, tmpl: _Pyramid, A, t):
     """Registered 64 px image (padding replaced by the template), border cropped, pooled to 16x16,
     mean-free and unit length; also the descriptor of the mirrored image."""
-    torch, F = _torch()
     w = 64
     s = _warp(torch.cat([src.img[w], src.valid[w]], 1), A, t * (w / THUMB_SIZE))
     x, v = s[:, :1], (s[:, 1:] > 0.99).float()
@@ -535,7 +520,6 @@ def _template(thumbs: np.ndarray, fills: np.ndarray):
 
 def _register_all(thumbs: np.ndarray, fills: np.ndarray):
     """Canonical warps (A, t) onto the symmetrised mean image and the descriptors (plain, mirrored)."""
-    torch, _ = _torch()
     n = len(thumbs)
     tmpl = _template(thumbs, fills)
     A, t = torch.empty(n, 2, 2), torch.empty(n, 2)
@@ -552,10 +536,9 @@ def _candidates(D, Dm, neighbours: int,
                 skip: Callable[[int, int], bool] | None = None) -> dict[tuple[int, int], tuple[bool, float]]:
     """(i, j) with i < j -> (mirrored, cosine) for each image's ``neighbours`` most similar descriptors
     (plain or mirrored), by chunked matrix products."""
-    torch, _ = _torch()
     n = len(D)
     k = min(neighbours, n - 1)
-    cands: dict[tuple[int, int], bool] = {}
+    cands: dict[tuple[int, int], tuple[bool, float]] = {}
     for s in range(0, n, 1024):
         same, mirrored = D[s : s + 1024] @ D.T, D[s : s + 1024] @ Dm.T
         sim = torch.maximum(same, mirrored)
@@ -574,7 +557,6 @@ def _candidates(D, Dm, neighbours: int,
 def _verify(thumbs: np.ndarray, fills: np.ndarray, A, t, pairs: Sequence[tuple[int, int]],
             mirrored: Sequence[bool]) -> np.ndarray:
     """Band-pass NCC of each pair (i, j) after aligning i (mirrored where asked) onto j."""
-    torch, _ = _torch()
     out = np.empty(len(pairs), np.float64)
     flip_m = torch.tensor([[-1.0, 0.0], [0.0, 1.0]])
     for s in range(0, len(pairs), _CHUNK):
@@ -602,7 +584,6 @@ def aligned_pairs(thumbs: np.ndarray, fills: np.ndarray, threshold: float = DEFA
     candidate before alignment (e.g. a pair already grouped). Candidates are aligned likeliest first,
     and one whose images the pairs found so far already join is not aligned at all: the result holds
     the pairs that form the groups, not every pair inside a group of many copies."""
-    torch, _ = _torch()
     n = len(thumbs)
     if n < 2:
         return []

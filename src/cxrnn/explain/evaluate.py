@@ -30,6 +30,7 @@ from scipy import ndimage
 from cxrnn.data.dataset import Dataset, Sample, load_dataset
 from cxrnn.data.io import ImageReadError, read_image
 from cxrnn.atomic import atomic_write_text
+from cxrnn.audit.shortcut import lesion_removed_test
 from cxrnn.explain.cam import CamExplainer
 from cxrnn.models.bundle import ModelBundle
 
@@ -164,8 +165,6 @@ def evaluate_explanations(
         raise ValueError(f"{dataset.root}: no readable image with a non-empty lesion mask")
     classes = [c for c in bundle.classes if any(r["label"] == c for r in rows)]
     summary = _summarise(rows)
-    from cxrnn.audit.shortcut import lesion_removed_test
-
     lesion_removed = lesion_removed_test(bundle, dataset)
     return {
         **summary,

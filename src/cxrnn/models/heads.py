@@ -115,9 +115,10 @@ class RecurrentHead(nn.Module):
         rnn_cls = nn.GRU if kind == "gru" else nn.LSTM
         self.rnn = rnn_cls(proj, hidden, batch_first=True, bidirectional=(kind == "bilstm"))
         out = hidden * (2 if kind == "bilstm" else 1)
+        parts = 1 if summary == "mean" else 2
         self.classifier = nn.Sequential(
             nn.Dropout(dropout),
-            nn.Linear(2 * out, dense),
+            nn.Linear(parts * out, dense),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
             nn.Linear(dense, num_classes),
@@ -130,7 +131,7 @@ class RecurrentHead(nn.Module):
         elif self.summary == "mean_max":
             summary = torch.cat([outputs.mean(dim=1), outputs.amax(dim=1)], dim=1)
         else:
-            summary = torch.cat([outputs.mean(dim=1), outputs.mean(dim=1)], dim=1)
+            summary = outputs.mean(dim=1)
         return self.classifier(summary)
 
 
