@@ -54,3 +54,40 @@ def test_model_checks_run_on_a_trained_phantom_model(trained_run, phantom_dir, c
     assert result["checks"]["lesion_removed"]["status"] in ("ok", "warning", "fail")
     # removing the lesion must make the model less sure of disease than the lesion did
     assert removed["still_abnormal_rate"] <= removed["abnormal_rate_with_lesion"]
+
+
+@pytest.fixture(scope="module")
+def marker_phantom(tmp_path_factory):
+    # Faint lesions (difficulty 3) and a marker on every abnormal image: the marker is the easy cue.
+    root = tmp_path_factory.mktemp("marker")
+    generate_phantom(root, PhantomConfig(per_class=30, size=128, seed=31, sources=3, shortcut=True,
+                                         shortcut_strength=1.0, difficulty=3.0))
+    return root
+
+
+def test_model_checks_catch_a_model_that_reads_the_marker(marker_phantom, trained_run, cache_dir, tmp_path):
+    from cxrnn.training.config import TrainConfig
+    from cxrnn.training.trainer import train
+
+    cheat = train(TrainConfig(data=str(marker_phantom), backbone="efficientnet_lite0", head="pool", weights="imagenet",
+                              out=str(tmp_path / "cheat"), epochs=30, batch_size=16, patience=0,
+                              cache_dir=str(cache_dir), seed=0, bootstrap=0))
+    shortcut = run_audit(marker_phantom, tmp_path / "a1", model=cheat.model_path, cache_dir=cache_dir)
+    honest = run_audit(marker_phantom, tmp_path / "a2", model=trained_run.model_path, cache_dir=cache_dir)
+
+    # The frozen features encode the hospital whatever head sits on them.
+    probe = shortcut["model_checks"]["source_probe"]
+    assert probe["accuracy"] > probe["chance"] + 0.2
+    assert shortcut["checks"]["source_probe"]["status"] == "warning"
+
+    # The marker-trained model keeps calling lesion-free copies abnormal and looks at the marker.
+    cheat_removed = shortcut["model_checks"]["lesion_removed"]["still_abnormal_rate"]
+    honest_removed = honest["model_checks"]["lesion_removed"]["still_abnormal_rate"]
+    assert cheat_removed > 0.8 and shortcut["checks"]["lesion_removed"]["status"] == "fail"
+    assert honest_removed < cheat_removed - 0.3
+    cheat_marker = shortcut["model_checks"]["marker_energy"]
+    assert cheat_marker["enrichment"] > 2.0  # well above the marker's share of the image
+    assert cheat_marker["enrichment"] > honest["model_checks"]["marker_energy"]["enrichment"]
+    assert shortcut["checks"]["marker_energy"]["status"] in ("warning", "fail")
+    saved = json.loads((tmp_path / "a1" / "audit.json").read_text())
+    assert {"source_probe", "lesion_removed", "marker_energy"} <= set(saved["checks"])

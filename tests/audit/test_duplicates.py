@@ -139,3 +139,25 @@ def test_shifted_cropped_rotated_and_mirrored_copies_are_grouped(augmented, tmp_
     assert again.groups == report.groups and again.aligned_pairs == report.aligned_pairs
     # the pHash pass alone misses all of them
     assert find_duplicates(paths, cache=HashCache(tmp_path), align_threshold=None).groups == []
+
+
+def test_audit_command_reports_aligned_copies_and_the_threshold_turns_them_off(augmented, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cxrnn.cli import app
+
+    runner = CliRunner()
+    base = ["audit", str(augmented), "--cache-dir", str(tmp_path / "cache")]
+    full = runner.invoke(app, [*base, "--out", str(tmp_path / "full")])
+    assert full.exit_code == 0, full.output
+    saved = json.loads((tmp_path / "full" / "audit.json").read_text())
+    assert len(saved["duplicate_groups"]) == 4 and len(saved["duplicate_pairs"]["aligned"]) == 4
+    assert saved["align_threshold"] == 0.9 and saved["checks"]["duplicates"]["value"] > 0
+    off = runner.invoke(app, [*base, "--out", str(tmp_path / "off"), "--align-threshold", "0"])
+    assert off.exit_code == 0, off.output
+    saved = json.loads((tmp_path / "off" / "audit.json").read_text())
+    assert saved["duplicate_groups"] == [] and saved["align_threshold"] is None
+    bad = runner.invoke(app, [*base, "--out", str(tmp_path / "bad"), "--align-threshold", "1.5"])
+    assert bad.exit_code != 0 and "align_threshold" in bad.output

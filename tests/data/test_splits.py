@@ -33,3 +33,13 @@ def test_kfold_uses_only_the_candidates() -> None:
     for train, val in folds:
         assert set(train) | set(val) == set(candidates)
         assert not set(train) & set(val)
+
+
+def test_group_holdout_on_a_set_smaller_than_the_folds_it_implies():
+    # 10% of 8 images per class would need 10 folds; sklearn allows at most 8, which still keeps groups whole.
+    labels = np.repeat(np.arange(3), 8)
+    groups = np.arange(24) // 2
+    split = train_val_test_split(labels, 0.2, 0.1, 0, groups)
+    assert len(split.val) > 0 and len(split.test) > 0
+    sides = [set(groups[i]) for i in (split.train, split.val, split.test)]
+    assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])

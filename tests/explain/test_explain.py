@@ -46,7 +46,7 @@ def test_map_has_the_image_shape_and_values_in_unit_range(bundle):
         assert target == int(np.argmax(probs))
 
 
-@pytest.mark.parametrize("method", ["gradcam++", "eigencam"])
+@pytest.mark.parametrize("method", ["gradcam++", "xgradcam", "eigencam"])
 def test_other_methods_give_valid_maps(bundle, phantom_dir, method):
     path = next((phantom_dir / "pneumonia").glob("*.png"))
     (exp,) = explain(bundle, [path], method=method, target="pneumonia")

@@ -85,3 +85,16 @@ def test_model_files_keep_their_head_summary(tmp_path) -> None:
     torch.save(payload, tmp_path / "old.pt")
     old = load_bundle(tmp_path / "old.pt")
     assert old.net.head.summary == "last_mean" and old.head_options["summary"] == "last_mean"
+
+
+@pytest.mark.parametrize("name", ["lstm", "bilstm"])
+def test_recurrent_heads_zero_every_gradient_times_activation_sum(name: str) -> None:
+    # Why cxrnn offers no HiResCAM / LayerCAM: the per-step LayerNorm makes each position's score
+    # invariant to scaling its feature vector, so sum_c grad_c * act_c vanishes at every position.
+    torch.manual_seed(0)
+    head = create_head(name, 32, 12, 3).eval()
+    fmap = (torch.rand(2, 32, 3, 4) + 0.1).requires_grad_()
+    head(fmap)[:, 1].sum().backward()
+    per_position = (fmap.grad * fmap.detach()).sum(dim=1)
+    assert fmap.grad.abs().max() > 1e-4  # the gradient itself is not zero...
+    assert per_position.abs().max() < 1e-3 * fmap.grad.abs().max() * fmap.detach().norm(dim=1).max()  # ...its projection is

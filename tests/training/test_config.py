@@ -5,6 +5,13 @@ import pytest
 from cxrnn.training.config import PRESETS, TrainConfig, resolve_config
 
 
+def test_align_threshold_default_is_the_audit_default() -> None:
+    from cxrnn.audit.duplicates import DEFAULT_ALIGN_THRESHOLD
+    from cxrnn.training.config import TrainConfig
+
+    assert TrainConfig().align_threshold == DEFAULT_ALIGN_THRESHOLD
+
+
 def test_yaml_round_trip_keeps_every_option(tmp_path) -> None:
     cfg = TrainConfig(data="d", backbone="vgg19", head="paper", folds=5, lr=3e-4, head_options={"lstm_units": 64},
                       group_by="patient_id", freeze_rnn=True)

@@ -48,3 +48,35 @@ def test_compare_trains_every_pair_on_one_split(tiny, cache_dir, tmp_path):
     for name in ("compare.md", "compare.csv", "compare.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert (tmp_path / "compare.csv").read_text().count("\n") == 5
+
+
+def test_finetune_split_keeps_shifted_copies_with_their_originals(tmp_path):
+    import csv
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "src"
+    generate_phantom(src, PhantomConfig(per_class=10, size=64, seed=32))
+    data = tmp_path / "data"
+    for c in ("covid", "normal", "pneumonia"):
+        shutil.copytree(src / c, data / c)
+    copies = {}
+    for i, c in enumerate(("covid", "normal", "pneumonia")):
+        original = data / c / f"{c}_000{i}.png"
+        a = np.asarray(Image.open(original))
+        for shift in (2, 3):  # 3-5% shifts: pHash alone misses most of these, the alignment pass does not
+            name = f"copy_{c}_{shift}.png"
+            Image.fromarray(np.pad(a, ((shift, 0), (shift, 0)), mode="edge")[:-shift, :-shift]).save(data / c / name)
+            copies[name] = original.name
+    cfg = resolve_config(dict(data=str(data), out=str(tmp_path / "run"), backbone="mobilenetv3_small_050",
+                              weights="none", head="pool", finetune=True, epochs=1, batch_size=8, bootstrap=0,
+                              test_size=0.3, cache_dir=str(tmp_path / "cache")))
+    result = train(cfg)
+    split = result.metrics["split"]
+    assert split["dedup"] and split["duplicate_groups"] == 3 and split["images_in_duplicate_groups"] == 9
+    with open(result.run_dir / "predictions.csv") as fh:
+        tested = {row["path"].rsplit("/", 1)[-1] for row in csv.DictReader(fh)}
+    for copy, original in copies.items():
+        assert (copy in tested) == (original in tested), (copy, original)

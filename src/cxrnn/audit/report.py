@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrnn.audit.duplicates import DEFAULT_THRESHOLD, HashCache, find_duplicates
+from cxrnn.audit.duplicates import DEFAULT_ALIGN_THRESHOLD, DEFAULT_THRESHOLD, HashCache, find_duplicates
 from cxrnn.audit.metadata import metadata_shortcut, read_metadata
 from cxrnn.data.dataset import load_dataset
 
@@ -51,8 +51,15 @@ def cramers_v(a: list[str], b: list[str]) -> float:
 
 def run_audit(data: str | Path, out: str | Path | None = None, model: str | Path | None = None,
               threshold: int = DEFAULT_THRESHOLD, cache_dir: str | Path | None = None, seed: int = 0,
-              progress: Progress | None = None, log: Log | None = None) -> dict[str, Any]:
-    """Audit ``data`` (a dataset folder or manifest); with ``out``, write audit.json and audit.md there."""
+              progress: Progress | None = None, log: Log | None = None,
+              align_threshold: float | None = DEFAULT_ALIGN_THRESHOLD) -> dict[str, Any]:
+    """Audit ``data`` (a dataset folder or manifest); with ``out``, write audit.json and audit.md there.
+
+    ``align_threshold`` (band-pass NCC after alignment) finds shifted, cropped and rotated copies; 0 or None
+    leaves only the pHash pass.
+    """
+    if align_threshold is not None and not 0 <= align_threshold <= 1:
+        raise ValueError(f"align_threshold must be in [0, 1], not {align_threshold}")
     log = log or (lambda msg: None)
     dataset = load_dataset(data)
     paths = [str(s.path) for s in dataset.samples]
@@ -71,7 +78,8 @@ def run_audit(data: str | Path, out: str | Path | None = None, model: str | Path
     metas, meta_errors = read_metadata(paths, progress=(lambda d, t: progress("metadata", d, t)) if progress else None)
     log("hashing images")
     dups = find_duplicates(paths, threshold, HashCache(cache_dir),
-                           progress=(lambda d, t: progress("hashing", d, t)) if progress else None)
+                           progress=(lambda d, t: progress("hashing", d, t)) if progress else None,
+                           align_threshold=align_threshold or None)
     errors = sorted(set(meta_errors) | set(dups.errors))
     ok = [i for i, m in enumerate(metas) if m is not None]
 
@@ -178,6 +186,7 @@ def run_audit(data: str | Path, out: str | Path | None = None, model: str | Path
                             "aligned": [{"paths": [paths[i], paths[j]], "ncc": round(float(c), 4)}
                                         for i, j, c in dups.aligned_pairs]},
         "near_duplicate_threshold": threshold,
+        "align_threshold": align_threshold or None,
         "label_conflicts": conflicts,
         "metadata_shortcut_accuracy": acc,
         "metadata_shortcut": meta,

@@ -17,6 +17,7 @@ def audit(
     out: Path = typer.Option(Path("audit"), help="Folder for audit.json and audit.md."),
     model: Optional[Path] = typer.Option(None, help="model.pt: adds the source probe and (phantom) shortcut tests."),
     threshold: int = typer.Option(12, help="Near-duplicate threshold in pHash bits (of 256)."),
+    align_threshold: float = typer.Option(0.9, help="Band-pass NCC after alignment for shifted, cropped or rotated copies (0: off)."),
     cache_dir: Optional[str] = typer.Option(None, help="Cache folder for hashes and features."),
     seed: int = typer.Option(0),
 ) -> None:
@@ -25,7 +26,8 @@ def audit(
 
     try:
         with progress_bars() as bars:
-            result = run_audit(data, out, model, threshold, cache_dir, seed, progress=bars, log=log)
+            result = run_audit(data, out, model, threshold, cache_dir, seed, progress=bars, log=log,
+                               align_threshold=align_threshold)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     table = Table(title=f"audit of {data}: {result['verdict'].upper()}")

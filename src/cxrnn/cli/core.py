@@ -59,6 +59,7 @@ def train(
     bootstrap: Optional[int] = typer.Option(None, help="Bootstrap resamples for 95% intervals (default 1000, 0: none)."),
     dedup: Optional[bool] = typer.Option(None, "--dedup/--no-dedup", help="Keep exact/near-duplicate images on one side of every split (default on)."),
     near_duplicate_threshold: Optional[int] = typer.Option(None, help="pHash bits (of 256) for near-duplicates (default 12)."),
+    align_threshold: Optional[float] = typer.Option(None, help="Band-pass NCC after alignment for shifted, cropped or rotated copies (default 0.9, 0: off)."),
     leave_one_source_out: Optional[bool] = typer.Option(None, "--leave-one-source-out", help="Also evaluate each source held out in turn."),
     device: Optional[str] = typer.Option(None, help="cpu (default) or cuda; under torchrun each process uses its local GPU."),
     precision: Optional[str] = typer.Option(None, help="fp32 (default) or bf16 autocast for extraction and training."),
@@ -75,7 +76,7 @@ def train(
                   lr=lr, lr_schedule=lr_schedule, epochs=epochs, batch_size=batch_size, patience=patience,
                   finetune=finetune, freeze_rnn=freeze_rnn, cache_dir=cache_dir, strict=strict,
                   bootstrap=bootstrap, dedup=dedup, near_duplicate_threshold=near_duplicate_threshold,
-                  leave_one_source_out=leave_one_source_out, device=device, precision=precision, workers=workers,
+                  align_threshold=align_threshold, leave_one_source_out=leave_one_source_out, device=device, precision=precision, workers=workers,
                   image_cache=image_cache, feature_dtype=feature_dtype)
     try:
         cfg = resolve_config(values, config, preset)

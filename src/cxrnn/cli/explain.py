@@ -10,7 +10,7 @@ from rich.table import Table
 
 from cxrnn.cli.common import app, console, fail, out_console, progress_bars, warn
 
-METHOD_HELP = "gradcam (default), gradcam++, eigencam (class-agnostic) or scorecam (slow: one pass per channel)."
+METHOD_HELP = "gradcam (default), gradcam++, xgradcam, eigencam (class-agnostic) or scorecam (slow: one pass per channel)."
 LAYER_HELP = "Backbone module for the map (dotted path in the timm model); default: the registry's layer."
 
 

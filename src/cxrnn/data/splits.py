@@ -39,7 +39,9 @@ def holdout(
             raise ValueError(f"{len(idx)} images are too few for a stratified {fraction:.0%} hold-out")
         keep, out = train_test_split(idx, test_size=n_out, stratify=labels[idx], random_state=seed)
         return np.sort(keep), np.sort(out)
-    n_splits = max(2, int(round(1.0 / fraction)))
+    # sklearn refuses more folds than the largest class has members: small sets hold out 1/that instead.
+    largest_class = int(np.unique(labels[idx], return_counts=True)[1].max())
+    n_splits = max(2, min(int(round(1.0 / fraction)), largest_class))
     n_groups = len(np.unique(groups[idx]))
     if n_groups < n_splits:
         raise ValueError(f"only {n_groups} groups: too few for a {fraction:.0%} group-wise hold-out")

@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from cxrnn.audit.duplicates import DEFAULT_ALIGN_THRESHOLD
 from cxrnn.evaluation.bootstrap import bootstrap_ci
 from cxrnn.evaluation.calibration import (calibration_summary, expected_calibration_error, fit_temperature,
                                           plot_reliability, softmax)
@@ -17,16 +18,18 @@ Log = Callable[[str], None]
 
 
 def split_groups(paths: Sequence[str], manifest_groups: np.ndarray | None, dedup: bool, threshold: int,
-                 cache_dir: str | Path | None, log: Log) -> tuple[np.ndarray | None, dict[str, Any]]:
+                 cache_dir: str | Path | None, log: Log, align_threshold: float | None = DEFAULT_ALIGN_THRESHOLD
+                 ) -> tuple[np.ndarray | None, dict[str, Any]]:
     """Groups for the splitter: duplicate groups (exact + near) united with the manifest groups."""
     from cxrnn.audit.duplicates import combine_groups, duplicate_group_ids
 
     info: dict[str, Any] = {"dedup": dedup}
     if not dedup:
         return manifest_groups, info
-    ids, report = duplicate_group_ids(paths, threshold, cache_dir)
+    align_threshold = align_threshold or None  # 0 means pHash only
+    ids, report = duplicate_group_ids(paths, threshold, cache_dir, align_threshold=align_threshold)
     info.update(duplicate_groups=len(report.groups), images_in_duplicate_groups=int(sum(len(g) for g in report.groups)),
-                near_duplicate_threshold=threshold)
+                near_duplicate_threshold=threshold, align_threshold=align_threshold)
     if report.groups:
         log(f"{len(report.groups)} duplicate group(s) ({info['images_in_duplicate_groups']} images) kept on one side of every split")
     if not report.groups and manifest_groups is None:

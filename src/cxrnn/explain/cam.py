@@ -59,12 +59,14 @@ def _score_cam() -> type:
 
 def _cam_class(method: str) -> tuple[type, bool]:
     """(pytorch-grad-cam class, whether it needs gradients) for a method name."""
-    from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
+    from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, XGradCAM
 
     if method == "gradcam":
         return GradCAM, True
     if method == "gradcam++":
         return GradCAMPlusPlus, True
+    if method == "xgradcam":
+        return XGradCAM, True
     if method == "eigencam":
         return EigenCAM, False
     if method == "scorecam":
@@ -72,7 +74,11 @@ def _cam_class(method: str) -> tuple[type, bool]:
     raise ValueError(f"unknown CAM method {method!r}: use one of {', '.join(METHODS)}")
 
 
-METHODS = ("gradcam", "gradcam++", "eigencam", "scorecam")
+# Methods that weigh each position by gradient x activation (HiResCAM, LayerCAM, element-wise Grad-CAM)
+# are left out on purpose: the recurrent heads start with a per-step LayerNorm, which makes the score
+# invariant to scaling a position's feature vector, so sum_c grad_c * act_c is exactly 0 at every
+# position (Euler's theorem) and those maps are noise around zero.
+METHODS = ("gradcam", "gradcam++", "xgradcam", "eigencam", "scorecam")
 
 
 @dataclass

@@ -45,6 +45,7 @@ class TrainConfig:
     bootstrap: int = 1000  # bootstrap resamples for the test metrics' 95% intervals (0: none)
     dedup: bool = True  # keep exact and near-duplicate images on one side of every split
     near_duplicate_threshold: int = 12  # pHash bits (of 256) within which two images count as copies
+    align_threshold: float = 0.9  # band-pass NCC after alignment for shifted/cropped copies (0: pHash only)
     leave_one_source_out: bool = False  # also train on all sources but one and test on that one, for each
     precision: str = "fp32"  # fp32 or bf16 (autocast) for extraction, training and the saved model's default
     workers: int = 0  # DataLoader processes decoding images
@@ -63,6 +64,8 @@ class TrainConfig:
             raise ValueError("folds must be 0 (no k-fold) or >= 2")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
+        if not 0 <= self.align_threshold <= 1:
+            raise ValueError("align_threshold must be in [0, 1] (0 turns the alignment pass off)")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs, batch_size and lr must be positive")
         return self

@@ -24,6 +24,7 @@ from torch import nn
 from cxrnn.data.dataset import Dataset
 from cxrnn.data.splits import train_val_test_split
 from cxrnn.evaluation.evaluate import write_evaluation
+from cxrnn.evaluation.honest import split_groups
 from cxrnn.evaluation.metrics import compute_metrics
 from cxrnn.evaluation.report import write_report
 from cxrnn.models.backbones import create_backbone
@@ -122,6 +123,10 @@ def train_finetune(cfg: TrainConfig, dataset: Dataset, run_dir: Path, progress=N
     labels = dataset.labels()[kept]
     groups = group_array(dataset, cfg.group_by)
     groups = groups[kept] if groups is not None else None
+    # Copies of one image must not straddle the split here either (hashes are cached, so every torchrun
+    # process computes the same groups).
+    groups, dedup_info = split_groups([str(dataset.samples[i].path) for i in kept], groups, cfg.dedup,
+                                      cfg.near_duplicate_threshold, cfg.cache_dir, log, cfg.align_threshold)
     split = train_val_test_split(labels, cfg.test_size, cfg.val_size, cfg.seed, groups)
     head_options = dict(cfg.head_options)
     if cfg.head == "paper":
@@ -202,7 +207,7 @@ def train_finetune(cfg: TrainConfig, dataset: Dataset, run_dir: Path, progress=N
     classes = dataset.classes
     metrics = compute_metrics(labels[split.test], test_probs, classes)
     metrics["split"] = {"train": int(len(split.train)), "val": int(len(split.val)), "test": int(len(split.test)),
-                        "seed": cfg.seed, "group_by": cfg.group_by}
+                        "seed": cfg.seed, "group_by": cfg.group_by, **dedup_info}
     test_paths = [str(dataset.samples[kept[i]].path) for i in split.test]
     write_evaluation(run_dir, labels[split.test], test_probs, classes, test_paths, metrics)
     weights_id = f"finetuned:{backbone.weights_id}"

@@ -101,7 +101,8 @@ def train(cfg: TrainConfig, progress: Progress | None = None, log: Log | None = 
     groups = group_array(dataset, cfg.group_by)
     groups = groups[kept] if groups is not None else None
     paths = [str(dataset.samples[i].path) for i in kept]
-    groups, dedup_info = split_groups(paths, groups, cfg.dedup, cfg.near_duplicate_threshold, cfg.cache_dir, log)
+    groups, dedup_info = split_groups(paths, groups, cfg.dedup, cfg.near_duplicate_threshold, cfg.cache_dir, log,
+                                      cfg.align_threshold)
 
     split = train_val_test_split(labels, cfg.test_size, 0.0 if cfg.folds else cfg.val_size, cfg.seed, groups)
     hw = (features.shape[-2], features.shape[-1])
