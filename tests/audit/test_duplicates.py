@@ -161,3 +161,21 @@ def test_audit_command_reports_aligned_copies_and_the_threshold_turns_them_off(a
     assert saved["duplicate_groups"] == [] and saved["align_threshold"] is None
     bad = runner.invoke(app, [*base, "--out", str(tmp_path / "bad"), "--align-threshold", "1.5"])
     assert bad.exit_code != 0 and "align_threshold" in bad.output
+
+
+def test_close_pairs_in_chunks_match_every_pair_checked_one_by_one():
+    from cxrnn.audit.duplicates import ImageHashes, close_pairs, hash_distance
+
+    rng = np.random.default_rng(0)
+    base = [rng.integers(0, 2**63, (26, 4), dtype=np.uint64) for _ in range(30)]
+    for b in base:
+        b[13] = b[0]  # the unshifted probe (centre of the 5x5 shifts) is the reference itself
+    for k in range(10):  # near copies: a few bits flipped in every hash of an earlier image
+        flips = np.zeros(4, dtype=np.uint64)
+        flips[k % 4] = np.uint64(1) << np.uint64(k + 3)
+        base.append(base[k] ^ flips)
+    hashes = [ImageHashes("s", "p", b[0], b[1:]) for b in base]
+    expected = [(i, j, hash_distance(hashes[i], hashes[j])) for i in range(len(hashes)) for j in range(i + 1, len(hashes))
+                if hash_distance(hashes[i], hashes[j]) <= 12]
+    assert sorted(close_pairs(hashes, 12)) == expected
+    assert {(i, j) for i, j, _ in expected} == {(k, 30 + k) for k in range(10)}

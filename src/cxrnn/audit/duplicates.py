@@ -282,18 +282,30 @@ def _popcount(x: np.ndarray) -> np.ndarray:
     return np.bitwise_count(x).sum(axis=-1, dtype=np.int64)
 
 
-def pair_distances(hashes: Sequence[ImageHashes]) -> np.ndarray:
-    """(N, N) Hamming distance: min over probes of either image against the other's reference."""
+def hash_distance(a: ImageHashes, b: ImageHashes) -> int:
+    """The Hamming distance close_pairs uses, for one pair."""
+    return int(min(_popcount(a.reference[None] ^ b.probes).min(), _popcount(b.reference[None] ^ a.probes).min()))
+
+
+def close_pairs(hashes: Sequence[ImageHashes], threshold: int) -> list[tuple[int, int, int]]:
+    """(i, j, bits) for i < j within ``threshold``: the Hamming distance is the min over probes of either
+    image against the other's reference. Rows are done in chunks, so memory stays O(chunk x N), not N^2
+    (a full int64 matrix was ~390 MB at 7,000 images)."""
     ref = np.stack([h.reference for h in hashes])  # (N, W)
     probes = np.stack([h.probes for h in hashes])  # (N, P, W)
     n = len(hashes)
-    dist = np.empty((n, n), dtype=np.int64)
     chunk = max(1, 4_000_000 // max(1, n * probes.shape[1] * probes.shape[2]))
+    pairs: list[tuple[int, int, int]] = []
     for start in range(0, n, chunk):
-        r = ref[start : start + chunk, None, None, :]  # (c, 1, 1, W)
-        d = _popcount(r ^ probes[None, :, :, :]).min(axis=2)  # (c, N)
-        dist[start : start + chunk] = d
-    return np.minimum(dist, dist.T)
+        stop = min(n, start + chunk)
+        # Only columns from ``start`` on (the upper triangle), in both directions: this chunk's references
+        # against their probes, and their references against this chunk's probes.
+        d = np.minimum(_popcount(ref[start:stop, None, None, :] ^ probes[None, start:]).min(axis=2),
+                       _popcount(probes[start:stop, None, :, :] ^ ref[None, start:, None, :]).min(axis=2))
+        rows, cols = np.nonzero(d <= threshold)
+        keep = cols > rows
+        pairs += [(int(r) + start, int(c) + start, int(d[r, c])) for r, c in zip(rows[keep], cols[keep])]
+    return pairs
 
 
 # --- Alignment pass ------------------------------------------------------------------------------
@@ -635,13 +647,11 @@ def find_duplicates(paths: Sequence[str | Path], threshold: int = DEFAULT_THRESH
             else:
                 first_seen[key] = i
     if len(ok) > 1 and threshold >= 0:
-        dist = pair_distances([hashes[i] for i in ok])  # type: ignore[misc]
-        a, b = np.nonzero(np.triu(dist <= threshold, k=1))
         exact_set = {tuple(sorted(p)) for p in exact}
-        for x, y in zip(a.tolist(), b.tolist()):
+        for x, y, bits in close_pairs([hashes[i] for i in ok], threshold):  # type: ignore[misc]
             i, j = ok[x], ok[y]
             if (i, j) not in exact_set:
-                near.append((i, j, int(dist[x, y])))
+                near.append((i, j, bits))
             uf.union(i, j)
         if align_threshold is not None:
             have = [x for x, i in enumerate(ok) if hashes[i].thumb is not None]  # type: ignore[union-attr]
@@ -653,7 +663,7 @@ def find_duplicates(paths: Sequence[str | Path], threshold: int = DEFAULT_THRESH
                 for u, v, c in found:
                     x, y = have[u], have[v]
                     i, j = ok[x], ok[y]
-                    near.append((i, j, int(dist[x, y])))
+                    near.append((i, j, hash_distance(hashes[i], hashes[j])))  # type: ignore[arg-type]
                     aligned.append((i, j, c))
                     uf.union(i, j)
     groups = [c for c in uf.components() if len(c) > 1]

@@ -53,6 +53,7 @@ def train(
     batch_size: Optional[int] = typer.Option(None),
     patience: Optional[int] = typer.Option(None, help="Early-stopping patience in epochs (0: off)."),
     finetune: Optional[bool] = typer.Option(None, "--finetune/--frozen", help="Train end to end (with augmentation)."),
+    backbone_lr_scale: Optional[float] = typer.Option(None, help="With --finetune: the backbone's learning rate as a share of the head's (default 0.1)."),
     freeze_rnn: Optional[bool] = typer.Option(None, "--freeze-rnn", help="Keep the paper head's LSTM at random init, as the seed did."),
     cache_dir: Optional[str] = typer.Option(None, help="Feature cache folder (default ~/.cache/cxrnn/features)."),
     strict: Optional[bool] = typer.Option(None, "--strict", help="Stop at the first unreadable file."),
@@ -74,7 +75,7 @@ def train(
     values = dict(data=data, backbone=backbone, head=head, weights=weights, out=out, seed=seed,
                   test_size=test_size, val_size=val_size, folds=folds, group_by=group_by, optimizer=optimizer,
                   lr=lr, lr_schedule=lr_schedule, epochs=epochs, batch_size=batch_size, patience=patience,
-                  finetune=finetune, freeze_rnn=freeze_rnn, cache_dir=cache_dir, strict=strict,
+                  finetune=finetune, backbone_lr_scale=backbone_lr_scale, freeze_rnn=freeze_rnn, cache_dir=cache_dir, strict=strict,
                   bootstrap=bootstrap, dedup=dedup, near_duplicate_threshold=near_duplicate_threshold,
                   align_threshold=align_threshold, leave_one_source_out=leave_one_source_out, device=device, precision=precision, workers=workers,
                   image_cache=image_cache, feature_dtype=feature_dtype)

@@ -34,6 +34,7 @@ class TrainConfig:
     patience: int = 10  # epochs without a better validation loss before stopping; 0 = never stop early
     finetune: bool = False
     freeze_rnn: bool = False
+    backbone_lr_scale: float = 0.1  # fine-tuning only: the backbone's lr as a share of the head's
     rotation: float = 15.0  # degrees of train-time rotation, fine-tuning only (cached features are fixed)
     head_options: dict[str, Any] = field(default_factory=dict)
     preset: str | None = None
@@ -64,6 +65,8 @@ class TrainConfig:
             raise ValueError("folds must be 0 (no k-fold) or >= 2")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
+        if not 0 <= self.backbone_lr_scale <= 1:
+            raise ValueError("backbone_lr_scale must be in [0, 1]")
         if not 0 <= self.align_threshold <= 1:
             raise ValueError("align_threshold must be in [0, 1] (0 turns the alignment pass off)")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:

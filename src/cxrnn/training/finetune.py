@@ -144,7 +144,10 @@ def train_finetune(cfg: TrainConfig, dataset: Dataset, run_dir: Path, progress=N
         # the timm model's own classifier sits after forward_features and never gets a gradient
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
                                                     find_unused_parameters=True)
-    optimizer = make_optimizer(net.parameters(), cfg)
+    # The pretrained backbone learns at a tenth of the head's rate (backbone_lr_scale): at the head's rate
+    # (AdamW 1e-3) the demo's lite0 + bilstm collapsed to chance in the first epoch and never recovered.
+    optimizer = make_optimizer([{"params": list(net.backbone.parameters()), "lr_scale": cfg.backbone_lr_scale},
+                                {"params": list(net.head.parameters())}], cfg)
     loss_fn = nn.CrossEntropyLoss()
     # the same global batches in any process layout: one permutation per epoch, each process a strided share
     sampler = torch.utils.data.distributed.DistributedSampler(
@@ -158,7 +161,7 @@ def train_finetune(cfg: TrainConfig, dataset: Dataset, run_dir: Path, progress=N
     for epoch in range(cfg.epochs):
         lr = lr_at(epoch, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         _set_train_mode(net)
         sampler.set_epoch(epoch)
         order = split.train[np.fromiter(iter(sampler), dtype=np.int64)]

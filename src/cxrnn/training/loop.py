@@ -28,7 +28,15 @@ class FitResult:
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+    """``params``: parameters, or param-group dicts (a group's ``lr_scale`` multiplies the schedule's lr)."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+        for g in params:
+            g.setdefault("lr_scale", 1.0)
+            g["lr"] = cfg.lr * g["lr_scale"]
+    else:
+        params = [p for p in params if p.requires_grad]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
