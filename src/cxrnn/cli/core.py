@@ -75,9 +75,10 @@ def train(
     values = dict(data=data, backbone=backbone, head=head, weights=weights, out=out, seed=seed,
                   test_size=test_size, val_size=val_size, folds=folds, group_by=group_by, optimizer=optimizer,
                   lr=lr, lr_schedule=lr_schedule, epochs=epochs, batch_size=batch_size, patience=patience,
-                  finetune=finetune, backbone_lr_scale=backbone_lr_scale, freeze_rnn=freeze_rnn, cache_dir=cache_dir, strict=strict,
-                  bootstrap=bootstrap, dedup=dedup, near_duplicate_threshold=near_duplicate_threshold,
-                  align_threshold=align_threshold, leave_one_source_out=leave_one_source_out, device=device, precision=precision, workers=workers,
+                  finetune=finetune, backbone_lr_scale=backbone_lr_scale, freeze_rnn=freeze_rnn,
+                  cache_dir=cache_dir, strict=strict, bootstrap=bootstrap, dedup=dedup,
+                  near_duplicate_threshold=near_duplicate_threshold, align_threshold=align_threshold,
+                  leave_one_source_out=leave_one_source_out, device=device, precision=precision, workers=workers,
                   image_cache=image_cache, feature_dtype=feature_dtype)
     try:
         cfg = resolve_config(values, config, preset)

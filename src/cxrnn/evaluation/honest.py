@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from cxrnn.audit.duplicates import DEFAULT_ALIGN_THRESHOLD
+from cxrnn.audit.duplicates import DEFAULT_ALIGN_THRESHOLD, combine_groups, duplicate_group_ids
 from cxrnn.evaluation.bootstrap import bootstrap_ci
 from cxrnn.evaluation.calibration import (calibration_summary, expected_calibration_error, fit_temperature,
                                           plot_reliability, softmax)
@@ -21,8 +21,6 @@ def split_groups(paths: Sequence[str], manifest_groups: np.ndarray | None, dedup
                  cache_dir: str | Path | None, log: Log, align_threshold: float | None = DEFAULT_ALIGN_THRESHOLD
                  ) -> tuple[np.ndarray | None, dict[str, Any]]:
     """Groups for the splitter: duplicate groups (exact + near) united with the manifest groups."""
-    from cxrnn.audit.duplicates import combine_groups, duplicate_group_ids
-
     info: dict[str, Any] = {"dedup": dedup}
     if not dedup:
         return manifest_groups, info
