@@ -626,7 +626,7 @@ def find_duplicates(paths: Sequence[str | Path], threshold: int = DEFAULT_THRESH
                     align_threshold: float | None = DEFAULT_ALIGN_THRESHOLD) -> DuplicateReport:
     """Exact and near-duplicate groups among ``paths`` (unreadable files are listed in ``errors``).
 
-    A negative ``threshold`` turns near-duplicate detection off; ``align_threshold=None`` only the
+    A negative ``threshold`` turns near-duplicate detection off; ``align_threshold`` None or 0 only the
     alignment pass."""
     paths = [str(p) for p in paths]
     hashes, errors = hash_files(paths, cache, progress, warn)
@@ -653,7 +653,7 @@ def find_duplicates(paths: Sequence[str | Path], threshold: int = DEFAULT_THRESH
             if (i, j) not in exact_set:
                 near.append((i, j, bits))
             uf.union(i, j)
-        if align_threshold is not None:
+        if align_threshold:
             have = [x for x, i in enumerate(ok) if hashes[i].thumb is not None]  # type: ignore[union-attr]
             thumbs = np.stack([hashes[ok[x]].thumb for x in have]) if have else None  # type: ignore[union-attr]
             fills = np.stack([hashes[ok[x]].fill for x in have]) if have else None  # type: ignore[union-attr]
@@ -668,7 +668,7 @@ def find_duplicates(paths: Sequence[str | Path], threshold: int = DEFAULT_THRESH
                     uf.union(i, j)
     groups = [c for c in uf.components() if len(c) > 1]
     groups.sort(key=lambda g: (-len(g), g[0]))
-    return DuplicateReport(paths, groups, exact, near, errors, threshold, aligned, align_threshold)
+    return DuplicateReport(paths, groups, exact, near, errors, threshold, aligned, align_threshold or None)
 
 
 def duplicate_group_ids(paths: Sequence[str | Path], threshold: int = DEFAULT_THRESHOLD,

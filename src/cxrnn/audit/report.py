@@ -79,7 +79,7 @@ def run_audit(data: str | Path, out: str | Path | None = None, model: str | Path
     log("hashing images")
     dups = find_duplicates(paths, threshold, HashCache(cache_dir),
                            progress=(lambda d, t: progress("hashing", d, t)) if progress else None,
-                           align_threshold=align_threshold or None)
+                           align_threshold=align_threshold)
     errors = sorted(set(meta_errors) | set(dups.errors))
     ok = [i for i, m in enumerate(metas) if m is not None]
 
@@ -186,7 +186,7 @@ def run_audit(data: str | Path, out: str | Path | None = None, model: str | Path
                             "aligned": [{"paths": [paths[i], paths[j]], "ncc": round(float(c), 4)}
                                         for i, j, c in dups.aligned_pairs]},
         "near_duplicate_threshold": threshold,
-        "align_threshold": align_threshold or None,
+        "align_threshold": dups.align_threshold,
         "label_conflicts": conflicts,
         "metadata_shortcut_accuracy": acc,
         "metadata_shortcut": meta,

@@ -24,10 +24,9 @@ def split_groups(paths: Sequence[str], manifest_groups: np.ndarray | None, dedup
     info: dict[str, Any] = {"dedup": dedup}
     if not dedup:
         return manifest_groups, info
-    align_threshold = align_threshold or None  # 0 means pHash only
     ids, report = duplicate_group_ids(paths, threshold, cache_dir, align_threshold=align_threshold)
     info.update(duplicate_groups=len(report.groups), images_in_duplicate_groups=int(sum(len(g) for g in report.groups)),
-                near_duplicate_threshold=threshold, align_threshold=align_threshold)
+                near_duplicate_threshold=threshold, align_threshold=report.align_threshold)
     if report.groups:
         log(f"{len(report.groups)} duplicate group(s) ({info['images_in_duplicate_groups']} images) kept on one side of every split")
     if not report.groups and manifest_groups is None:
