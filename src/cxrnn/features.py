@@ -8,6 +8,8 @@ interrupted extraction resumes where it stopped (only the missing maps are compu
 Training does not stack the maps in RAM: ``extract`` assembles them once into one on-disk matrix per
 ordered list of images (``cxrnn.feature_matrix``) and returns it memory-mapped. Under torchrun each
 process extracts its share of the missing maps and rank 0 assembles the matrix.
+
+The backbone runs on ONNX Runtime or PyTorch (``cxrnn.extractors``; ``auto`` picks the faster one).
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from cxrnn import distributed, runtime
+from cxrnn import distributed
 from cxrnn.atomic import atomic_write, atomic_write_bytes
 from cxrnn.data.io import ImageReadError, as_read_error, file_digest
+from cxrnn.extractors import check_extract_runtime, make_extractor
 from cxrnn.feature_matrix import matrix_key, open_matrix, write_matrix
 from cxrnn.models.backbones import Backbone
 from cxrnn.models.preprocess import to_input_tensor
+from cxrnn.runtime import check_precision, resolve_device
 
 STORE_VERSION = 1
 Progress = Callable[[int, int], None]
@@ -56,15 +60,17 @@ class FeatureSet:
 class FeatureStore:
     def __init__(self, backbone: Backbone, root: str | Path | None = None, dtype: str = "float32",
                  precision: str = "fp32", device: str = "cpu", workers: int = 0,
-                 image_cache: str | Path | None = None):
+                 image_cache: str | Path | None = None, runtime: str = "auto"):
         if dtype not in ("float32", "float16"):
             raise ValueError(f"feature dtype must be float32 or float16, not {dtype!r}")
         self.backbone = backbone
         self.dtype = dtype
-        self.precision = runtime.check_precision(precision)
-        self.device = runtime.resolve_device(device)
+        self.precision = check_precision(precision)
+        self.device = resolve_device(device)
         self.workers = workers
         self.image_cache = image_cache
+        self.runtime = check_extract_runtime(runtime)
+        self.engine_name: str | None = None  # the engine the last extraction ran on
         identity = {
             "store_version": STORE_VERSION,
             "architecture": backbone.spec.timm_name,
@@ -135,7 +141,7 @@ class FeatureStore:
         done = 0
         if progress:
             progress(0, share)
-        network = runtime.prepare_module(self.backbone.eval(), device)
+        engine = None
         try:
             for batch in image_loader(files, batch_size, self.workers, sampler) if todo else []:
                 ok = [item for item in batch if item.error is None]
@@ -147,10 +153,12 @@ class FeatureStore:
                         errors.append(item.error)
                         failed.append((item.index, item.error.reason))
                 if ok:
+                    if engine is None:  # built on first use: a fully cached store exports nothing
+                        engine = make_extractor(self.backbone, self.runtime, device, self.precision,
+                                                self.directory / "backbone.onnx", warn)
+                        self.engine_name = engine.name
                     x = to_input_tensor([item.image for item in ok], self.backbone.preprocessing)
-                    with torch.inference_mode(), runtime.autocast(device, self.precision):
-                        maps = network(runtime.to_device_input(x, device))
-                    for item, fmap in zip(ok, runtime.features_to_numpy(maps)):
+                    for item, fmap in zip(ok, engine(x)):
                         self._write(digests[item.index], fmap)
                     computed.extend(item.index for item in ok)
                 done += len(batch)

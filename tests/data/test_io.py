@@ -202,6 +202,26 @@ def test_dicom_monochrome2_rescale_and_window(tmp_path):
     assert (img == 0).any() and (img == 1).any()
 
 
+@pytest.mark.parametrize("function, center, width", [
+    (None, 1500.0, 2000.0), ("LINEAR", 800.0, 300.0), ("LINEAR_EXACT", 2000.5, 1000.0),
+    ("SIGMOID", 1200.0, 900.0), ("LINEAR", [900.0, 2500.0], [400.0, 1500.0]),
+])
+def test_dicom_fast_window_matches_pydicom(tmp_path, function, center, width):
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    stored = np.tile(np.linspace(0, 4095, W, dtype=np.float64), (H, 1)).astype(np.uint16)
+    extra = {"VOILUTFunction": function} if function else {}
+    path = _write(tmp_path, "w.dcm", _dicom_bytes(stored, bits_stored=12, WindowCenter=center, WindowWidth=width, **extra))
+    ds = pydicom.dcmread(path)
+    lo, hi = cio._window_output_range(ds)
+    reference = (np.asarray(apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds), dtype=np.float64) - lo) / (hi - lo)
+    img = read_image(path)
+    assert img.dtype == np.float32
+    np.testing.assert_allclose(img, np.clip(reference, 0, 1), atol=1e-6)
+    assert 0 < img.mean() < 1
+
+
 def test_dicom_monochrome1_inverted(tmp_path):
     stored = _left_bright(np.uint16, hi=3000, lo=200)
     img = read_image(_dicom_bytes(stored, "MONOCHROME1", bits_stored=12))

@@ -120,6 +120,69 @@ def test_bf16_features_are_close_to_fp32_and_stored_apart(small_phantom, tmp_pat
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
 
 
+def test_onnxruntime_extraction_matches_torch_and_exports_once(small_phantom, tmp_path):
+    backbone = create_backbone("efficientnet_lite0", "imagenet")
+    paths = _paths(small_phantom)
+    torch_store = FeatureStore(backbone, tmp_path / "t", runtime="torch")
+    onnx_store = FeatureStore(backbone, tmp_path / "o", runtime="onnx")
+    assert torch_store.directory.name == onnx_store.directory.name  # same maps, same key
+    a = np.asarray(torch_store.extract(paths).features)
+    first = onnx_store.extract(paths[:5])
+    exported = onnx_store.directory / "backbone.onnx"
+    stamp = exported.stat().st_mtime_ns
+    b = np.asarray(onnx_store.extract(paths).features)
+    assert (torch_store.engine_name, onnx_store.engine_name) == ("torch", "onnx")
+    assert first.n_computed == 5 and exported.stat().st_mtime_ns == stamp  # exported once, then reused
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
+
+    auto = FeatureStore(backbone, tmp_path / "a")
+    auto.extract(paths[:2])
+    assert auto.engine_name == "onnx"  # fp32 on the CPU
+    cached = FeatureStore(backbone, tmp_path / "a").extract(paths[:2])
+    assert cached.n_computed == 0  # nothing to compute: no engine is built
+    with pytest.raises(ValueError, match="fp32 on the CPU"):
+        FeatureStore(backbone, tmp_path / "x", runtime="onnx", precision="bf16").extract(paths[:1])
+    with pytest.raises(ValueError, match="auto, torch, onnx"):
+        FeatureStore(backbone, tmp_path / "x", runtime="tensorrt")
+
+
+def test_auto_extraction_falls_back_to_torch_when_export_fails(small_phantom, tiny_backbone, tmp_path, monkeypatch):
+    import cxrnn.extractors as extractors
+
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("Unsupported: ONNX export of operator foo\nsecond line")
+
+    monkeypatch.setattr(extractors, "export_backbone_onnx", broken_export)
+    paths = _paths(small_phantom)[:3]
+    warnings: list[str] = []
+    store = FeatureStore(tiny_backbone, tmp_path / "auto")
+    result = store.extract(paths, warn=warnings.append)
+    assert store.engine_name == "torch" and len(result.kept) == 3
+    assert warnings == [f"onnxruntime unavailable for {TINY} (Unsupported: ONNX export of operator foo); "
+                        "extracting with torch"]
+    with pytest.raises(RuntimeError, match="ONNX export of backbone"):
+        FeatureStore(tiny_backbone, tmp_path / "explicit", runtime="onnx").extract(paths)
+
+
+def test_extract_cli_names_the_engine_and_rejects_an_unknown_runtime(small_phantom, tmp_path):
+    from typer.testing import CliRunner
+
+    from cxrnn.cli import app
+
+    common = ["extract", "--data", str(small_phantom), "--backbone", TINY, "--weights", "none"]
+    def run(*extra: str) -> tuple[int, str]:
+        result = CliRunner().invoke(app, [*common, "--cache-dir", str(tmp_path / "c"), *extra])
+        return result.exit_code, " ".join(result.output.split())  # rich wraps lines at the terminal width
+
+    code, output = run("--runtime", "torch")
+    assert code == 0, output
+    assert "24 computed, 0 already stored, 0 unreadable; engine torch" in output
+    code, output = run()
+    assert code == 0 and "engine none needed" in output  # every map was already stored
+    code, output = run("--runtime", "tensorrt")
+    assert code != 0 and "auto, torch, onnx" in output
+
+
 def test_fit_head_reads_lazy_rows_like_an_array(tmp_path):
     from cxrnn.models.heads import create_head
     from cxrnn.training.config import TrainConfig

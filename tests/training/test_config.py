@@ -36,7 +36,8 @@ def test_paper_preset_is_the_seed_protocol() -> None:
     assert (p["optimizer"], p["lr"], p["lr_decay"], p["batch_size"], p["epochs"]) == ("rmsprop", 2e-4, 0.95, 16, 20)
 
 
-@pytest.mark.parametrize("bad", [{"optimizer": "lion"}, {"folds": 1}, {"test_size": 1.5}, {"lr_schedule": "step"}])
+@pytest.mark.parametrize("bad", [{"optimizer": "lion"}, {"folds": 1}, {"test_size": 1.5}, {"lr_schedule": "step"},
+                                 {"extract_runtime": "tensorrt"}])
 def test_invalid_values_are_rejected(bad) -> None:
     with pytest.raises(ValueError):
         resolve_config({"data": "x", **bad})

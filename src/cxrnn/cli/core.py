@@ -64,6 +64,7 @@ def train(
     leave_one_source_out: Optional[bool] = typer.Option(None, "--leave-one-source-out", help="Also evaluate each source held out in turn."),
     device: Optional[str] = typer.Option(None, help="cpu (default) or cuda; under torchrun each process uses its local GPU."),
     precision: Optional[str] = typer.Option(None, help="fp32 (default) or bf16 autocast for extraction and training."),
+    extract_runtime: Optional[str] = typer.Option(None, help="auto (default: onnxruntime for fp32 on the CPU), torch or onnx: what runs the frozen backbone."),
     workers: Optional[int] = typer.Option(None, help="DataLoader processes decoding images (default 0: in process)."),
     image_cache: Optional[str] = typer.Option(None, help="Folder caching decoded images at the input size."),
     feature_dtype: Optional[str] = typer.Option(None, help="float32 (default) or float16 feature store."),
@@ -79,6 +80,7 @@ def train(
                   cache_dir=cache_dir, strict=strict, bootstrap=bootstrap, dedup=dedup,
                   near_duplicate_threshold=near_duplicate_threshold, align_threshold=align_threshold,
                   leave_one_source_out=leave_one_source_out, device=device, precision=precision, workers=workers,
+                  extract_runtime=extract_runtime,
                   image_cache=image_cache, feature_dtype=feature_dtype)
     try:
         cfg = resolve_config(values, config, preset)

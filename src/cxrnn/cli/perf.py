@@ -18,6 +18,7 @@ def extract(
     feature_dtype: str = typer.Option("float32", help="float32 or float16 (half the disk and I/O)."),
     precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast); bf16 maps are stored apart from fp32 ones."),
     device: str = typer.Option("cpu", help="cpu or cuda; under torchrun each process uses its local GPU."),
+    runtime: str = typer.Option("auto", help="auto (onnxruntime for fp32 on the CPU, else torch), torch or onnx."),
     batch_size: int = typer.Option(16),
     workers: int = typer.Option(0, help="DataLoader processes decoding images."),
     image_cache: Optional[str] = typer.Option(None, help="Folder caching decoded images at the input size."),
@@ -36,7 +37,8 @@ def extract(
     try:
         dataset = load_dataset(data)
         store = FeatureStore(create_backbone(backbone, weights, seed=seed), cache_dir, dtype=feature_dtype,
-                             precision=precision, device=device, workers=workers, image_cache=image_cache)
+                             precision=precision, device=device, workers=workers, image_cache=image_cache,
+                             runtime=runtime)
         with progress_bars() as bars:
             result = store.extract([s.path for s in dataset.samples], batch_size=batch_size, strict=strict,
                                    progress=(lambda d, t: bars("extract", d, t)), warn=log)
@@ -48,4 +50,4 @@ def extract(
     if main:
         out_console.print(f"{len(result.kept)} feature maps {tuple(result.features.shape[1:])} in {store.directory} "
                           f"({result.n_computed} computed, {result.n_cached} already stored, "
-                          f"{len(result.errors)} unreadable)")
+                          f"{len(result.errors)} unreadable; engine {store.engine_name or 'none needed'})")

@@ -416,6 +416,9 @@ def _apply_voi_normalised(values: np.ndarray, ds, label: Path) -> np.ndarray | N
             entries = apply_voi(np.arange(first, first + count), ds)
             lo, hi = float(entries.min()), float(entries.max())
         else:
+            window = _window_normalised(values, ds)
+            if window is not None:
+                return window if window.min() != window.max() else None
             out = apply_voi_lut(values, ds)
             lo, hi = _window_output_range(ds)
     except Exception:
@@ -432,6 +435,39 @@ def _apply_voi_normalised(values: np.ndarray, ds, label: Path) -> np.ndarray | N
         # showing the data min-max is more useful than a blank image.
         return None
     return img
+
+
+def _window_normalised(values: np.ndarray, ds) -> np.ndarray | None:
+    """The first VOI window, already scaled to [0, 1], in float32: the same numbers as pydicom's
+    apply_windowing followed by the output-range scaling below, but about 10x faster (pydicom works in
+    float64 with boolean masks; a 2k x 2k radiograph took 51 ms there). None for a VOI function or
+    width this does not cover: the caller then uses pydicom."""
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    center, width = _first_value(ds.WindowCenter), _first_value(ds.WindowWidth)
+    x = np.asarray(values, dtype=np.float32)
+    if function == "LINEAR" and width > 1:
+        center, width = center - 0.5, width - 1.0  # PS3.3 C.11.2.1.2.1
+    elif not (function == "LINEAR_EXACT" and width > 0) and function != "SIGMOID":
+        return None
+    if function == "SIGMOID":
+        if width <= 0:
+            return None
+        img = np.subtract(x, np.float32(center))
+        img *= np.float32(-4.0 / width)
+        np.exp(img, out=img)
+        img += 1.0
+        return np.reciprocal(img, out=img)
+    img = np.subtract(x, np.float32(center))
+    img *= np.float32(1.0 / width)
+    img += 0.5
+    return np.clip(img, 0.0, 1.0, out=img)
+
+
+def _first_value(value) -> float:
+    """A DICOM multi-valued window (several alternative views) means its first view, as in pydicom."""
+    from pydicom.multival import MultiValue
+
+    return float(value[0]) if isinstance(value, (MultiValue, list, tuple)) else float(value)
 
 
 def _lut_span(item) -> tuple[int, int]:

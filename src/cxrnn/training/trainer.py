@@ -80,7 +80,8 @@ def train(cfg: TrainConfig, progress: Progress | None = None, log: Log | None = 
     t0 = time.perf_counter()
     backbone = create_backbone(cfg.backbone, cfg.weights, seed=cfg.seed)
     store = FeatureStore(backbone, cfg.cache_dir, dtype=cfg.feature_dtype, precision=cfg.precision,
-                         device=cfg.device, workers=cfg.workers, image_cache=cfg.image_cache)
+                         device=cfg.device, workers=cfg.workers, image_cache=cfg.image_cache,
+                         runtime=cfg.extract_runtime)
     extracted = store.extract(
         [s.path for s in dataset.samples],
         batch_size=cfg.extract_batch_size,
