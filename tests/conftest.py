@@ -39,13 +39,14 @@ def trained_run(phantom_dir: Path, cache_dir: Path, tmp_path_factory: pytest.Tem
     Extraction is pinned to PyTorch. On 86 training images the trained model depends on the training
     path. Features from onnxruntime differ from PyTorch's by 1e-5, yet pneumonia Grad-CAM hit rates
     ranged from 0.05 to 0.45 over three seeds and both runtimes. The explanation tests' thresholds
-    were measured on this exact path.
+    were measured on this exact path. So the run keeps its own feature cache: maps that another test
+    extracted with onnxruntime into the shared cache would otherwise be reused here.
     """
     from cxrnn.training.config import TrainConfig
     from cxrnn.training.trainer import train
 
-    out = tmp_path_factory.mktemp("run")
+    out, own_cache = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("run-cache")
     cfg = TrainConfig(data=str(phantom_dir), backbone="efficientnet_lite0", head="bilstm", weights="imagenet",
-                      out=str(out), epochs=40, batch_size=16, patience=0, cache_dir=str(cache_dir), seed=0,
+                      out=str(out), epochs=40, batch_size=16, patience=0, cache_dir=str(own_cache), seed=0,
                       extract_runtime="torch")
     return train(cfg)

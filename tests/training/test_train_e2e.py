@@ -34,9 +34,10 @@ def test_training_writes_the_run_directory_and_learns(trained_run) -> None:
     assert payload["preprocessing"]["input_size"] == 224
 
 
-def test_second_run_reuses_the_feature_cache(trained_run, phantom_dir, cache_dir, tmp_path) -> None:
+def test_second_run_reuses_the_feature_cache(trained_run, phantom_dir, tmp_path) -> None:
+    first = TrainConfig.from_yaml(trained_run.run_dir / "config.yaml")
     cfg = TrainConfig(data=str(phantom_dir), head="pool", out=str(tmp_path / "pool"), epochs=3,
-                      cache_dir=str(cache_dir))
+                      cache_dir=first.cache_dir)
     result = train(cfg)
     assert result.cache["computed"] == 0
     assert result.cache["cached"] == 3 * PHANTOM_PER_CLASS
