@@ -1,8 +1,8 @@
 """What runs a frozen backbone during feature extraction: PyTorch or ONNX Runtime.
 
-ONNX Runtime is the faster fp32 CPU engine for these networks (benchmarks/inference.py: VGG19 at batch
-16 reached 91% of the machine's fp32 matmul rate against 77% for torch channels_last, EfficientNet-Lite0
-2.2x torch's throughput), so ``auto`` picks it for fp32 extraction on the CPU when onnxruntime is
+ONNX Runtime is the faster fp32 CPU engine for these networks (benchmarks/inference.py, batch 16: VGG19
+reached 95% of the machine's fp32 matmul rate against 79% for torch channels_last; the five backbones ran
+1.2-1.7x torch's throughput), so ``auto`` picks it for fp32 extraction on the CPU when onnxruntime is
 installed. bf16 and CUDA stay with torch (autocast and AMP are torch features). The backbone is exported
 once per feature store and kept there; a backbone the exporter cannot handle falls back to torch with one
 warning under ``auto`` and is an error under an explicit ``onnx``.
