@@ -3,11 +3,12 @@
     python benchmarks/bf16_accuracy.py                 # the demo phantom (300 per class), EfficientNet-Lite0, 5 seeds
     python benchmarks/bf16_accuracy.py --per-class 100 --epochs 15 --seeds 0 1
 
-For each seed, the same phantom, split and head initialisation for both runs; only ``precision`` differs (bf16 autocast for feature
-extraction and head training, and for the saved model's prediction). Also predicts the fp32 model's test
-images under bf16 autocast, which isolates inference precision from training. The issue's target: test
+For each seed, the same phantom, split and head initialisation for both runs; only ``precision`` differs
+(bf16 autocast for feature extraction and head training, and for the saved model's prediction). Also
+predicts the fp32 model's test images under bf16 autocast, which isolates inference precision from training. The issue's target: test
 accuracy within 0.5 points of fp32, judged on the mean over seeds (one test image is 0.56 points): met when
-the lower end of the paired difference's 95% interval is above -0.5. Prints a table and writes benchmarks/results/bf16_accuracy.json.
+the lower end of the paired difference's 95% interval is above -0.5. Prints a table and writes
+benchmarks/results/bf16_accuracy.json.
 """
 
 from __future__ import annotations
@@ -116,7 +117,6 @@ def main() -> None:
     print(f"bf16 - fp32 test accuracy over {len(seeds)} seeds: mean {result['mean_accuracy_difference_points']:+.2f} "
           f"points, 95% CI [{ci[0]:+.2f}, {ci[1]:+.2f}]; one test image = {100 / result['n_test_per_seed']:.2f} "
           f"points; bf16 loses at most {TARGET_POINTS} points: {result['loses_at_most_target']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, result)
     print(f"wrote {args.out}")
 

@@ -13,8 +13,6 @@ store's key does not depend on the engine, just as it does not depend on the thr
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Protocol
@@ -23,10 +21,11 @@ import numpy as np
 import torch
 
 from cxrnn import runtime
+from cxrnn.atomic import atomic_write
+from cxrnn.export import OPSET
 from cxrnn.models.backbones import Backbone
 
 EXTRACT_RUNTIMES = ("auto", "torch", "onnx")
-OPSET = 17
 
 
 class Extractor(Protocol):
@@ -72,26 +71,20 @@ class OnnxExtractor:
 
 
 def export_backbone_onnx(backbone: Backbone, path: str | Path, opset: int = OPSET) -> Path:
-    """The backbone's feature-map graph as ONNX with a free batch axis, written to a temp file then renamed
-    (concurrent torchrun processes may export at once; each rename installs a complete file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """The backbone's feature-map graph as ONNX with a free batch axis, written atomically (concurrent
+    torchrun processes may export at once; each rename installs a complete file)."""
     size = backbone.preprocessing.input_size
     example = torch.zeros(1, backbone.preprocessing.channels, size, size)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
     module = backbone.eval().to(device="cpu", memory_format=torch.contiguous_format)
-    try:
+
+    def write(fh) -> None:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notice
-            torch.onnx.export(module, (example,), tmp, dynamo=False, opset_version=opset,
+            torch.onnx.export(module, (example,), fh, dynamo=False, opset_version=opset,
                               input_names=["image"], output_names=["features"],
                               dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+
+    return atomic_write(path, write)
 
 
 def onnxruntime_available() -> bool:

@@ -444,20 +444,16 @@ def _window_normalised(values: np.ndarray, ds) -> np.ndarray | None:
     width this does not cover: the caller then uses pydicom."""
     function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
     center, width = _first_value(ds.WindowCenter), _first_value(ds.WindowWidth)
-    x = np.asarray(values, dtype=np.float32)
     if function == "LINEAR" and width > 1:
         center, width = center - 0.5, width - 1.0  # PS3.3 C.11.2.1.2.1
-    elif not (function == "LINEAR_EXACT" and width > 0) and function != "SIGMOID":
+    elif function not in ("LINEAR_EXACT", "SIGMOID") or width <= 0:
         return None
-    if function == "SIGMOID":
-        if width <= 0:
-            return None
-        img = np.subtract(x, np.float32(center))
+    img = np.subtract(np.asarray(values, dtype=np.float32), np.float32(center))
+    if function == "SIGMOID":  # 1 / (1 + exp(-4 (x - c) / w))
         img *= np.float32(-4.0 / width)
         np.exp(img, out=img)
         img += 1.0
         return np.reciprocal(img, out=img)
-    img = np.subtract(x, np.float32(center))
     img *= np.float32(1.0 / width)
     img += 0.5
     return np.clip(img, 0.0, 1.0, out=img)
