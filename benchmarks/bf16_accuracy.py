@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from scipy import stats
 
-from cxrnn.atomic import atomic_write_json
+from cxrnn.utils.atomic import atomic_write_json
 from cxrnn.data.phantom import generate_phantom
 from cxrnn.demo import demo_configs
-from cxrnn.predict import Predictor
-from cxrnn.runtime import cpu_name, cpu_supports_bf16
-from cxrnn.training.trainer import train
+from cxrnn.inference.predictor import Predictor
+from cxrnn.inference.device import cpu_name, cpu_supports_bf16
+from cxrnn.training.run import train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_POINTS = 0.5

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxrnn.atomic import atomic_write_json
+from cxrnn.utils.atomic import atomic_write_json
 from cxrnn.data.phantom import PhantomConfig, render_case
 from cxrnn.explain import CamExplainer
 from cxrnn.models.backbones import create_backbone
 from cxrnn.models.bundle import ModelBundle, build_network
-from cxrnn.predict import Predictor
+from cxrnn.inference.predictor import Predictor
 
 DEFAULT_BACKBONES = ("vgg19:none", "densenet121:none", "inception_v3:none", "inception_resnet_v2:none",
                      "efficientnet_lite0:imagenet")

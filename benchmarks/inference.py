@@ -9,7 +9,7 @@ Prints tables and writes benchmarks/results/inference.json:
  "api": [{"model", "image", "predict_one_ms", "model_forward_ms", "ratio_to_forward"}], "startup": {...}, "decode": [...]}
 
 Modes: fp32 (NCHW), fp32_channels_last (cxrnn's torch engine), bf16 (autocast, channels_last: cxrnn's bf16
-path) and onnxruntime (cxrnn.extractors.OnnxExtractor: the engine `cxrnn extract`/`train` pick for fp32 on
+path) and onnxruntime (cxrnn.features.extractors.OnnxExtractor: the engine `cxrnn extract`/`train` pick for fp32 on
 the CPU). FLOPs are counted by torch's FlopCounterMode
 (a multiply-add is 2 FLOPs). Paper backbones use --weights none here: speed does not depend on the values.
 The load average is recorded because other processes on the machine slow every number down; on an
@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxrnn import runtime
-from cxrnn.atomic import atomic_write_json
+from cxrnn.inference import device as runtime
+from cxrnn.utils.atomic import atomic_write_json
 from cxrnn.models.backbones import create_backbone
 
 BACKBONES = ["efficientnet_lite0", "vgg19", "densenet121", "inception_v3", "inception_resnet_v2"]
@@ -76,7 +76,7 @@ def time_call(fn, min_reps: int, max_seconds: float) -> float:
 
 def onnx_runner(backbone, threads: int):
     """cxrnn's own ONNX Runtime extraction engine (what ``cxrnn extract`` uses for fp32 on the CPU)."""
-    from cxrnn.extractors import OnnxExtractor
+    from cxrnn.features.extractors import OnnxExtractor
 
     tmp = tempfile.TemporaryDirectory(prefix="cxrnn-bench-")
     return OnnxExtractor(backbone, Path(tmp.name) / "backbone.onnx", threads=threads), tmp
@@ -152,7 +152,7 @@ def bench_api(reps: int, max_seconds: float) -> dict:
     from cxrnn.data.io import read_image
     from cxrnn.models.bundle import ModelBundle, build_network, save_bundle
     from cxrnn.models.preprocess import to_input_tensor
-    from cxrnn.predict import Predictor
+    from cxrnn.inference.predictor import Predictor
 
     tmp = Path(tempfile.mkdtemp(prefix="cxrnn-bench-api-"))
     images = _api_images(tmp)

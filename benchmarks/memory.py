@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrnn.atomic import atomic_write_json
+from cxrnn.utils.atomic import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {"inception_v3": (2048, 5, 5), "densenet121": (1024, 7, 7), "vgg19": (512, 7, 7)}
@@ -35,11 +35,11 @@ SHAPES = {"inception_v3": (2048, 5, 5), "densenet121": (1024, 7, 7), "vgg19": (5
 def child(args: argparse.Namespace) -> None:
     import torch
 
-    from cxrnn.feature_matrix import FeatureRows, open_matrix
+    from cxrnn.features.matrix import FeatureRows, open_matrix
     from cxrnn.models.heads import create_head
     from cxrnn.training.config import TrainConfig
     from cxrnn.training.loop import fit_head
-    from cxrnn.training.trainer import _probs
+    from cxrnn.training.run import _probs
 
     torch.set_num_threads(1)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -62,7 +62,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def write_synthetic(path: Path, n: int, shape: tuple[int, ...], dtype: str) -> None:
-    from cxrnn.feature_matrix import write_matrix
+    from cxrnn.features.matrix import write_matrix
 
     rng = np.random.default_rng(0)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from cxrnn.atomic import atomic_write_json
+from cxrnn.utils.atomic import atomic_write_json
 
 HOST = "127.0.0.1"  # loopback only: this benchmark never sends traffic anywhere else
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxrnn.atomic import atomic_write_json
+from cxrnn.utils.atomic import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -53,14 +53,14 @@ def main() -> None:
     from cxrnn.data.io import read_image
     from cxrnn.data.phantom import PhantomConfig, generate_phantom
     from cxrnn.data.splits import train_val_test_split
-    from cxrnn.feature_matrix import FeatureRows
-    from cxrnn.features import FeatureStore
+    from cxrnn.features.matrix import FeatureRows
+    from cxrnn.features.store import FeatureStore
     from cxrnn.models.backbones import create_backbone
     from cxrnn.models.bundle import build_network
     from cxrnn.models.preprocess import to_input_tensor
     from cxrnn.training.config import PRESETS, TrainConfig
     from cxrnn.training.loop import fit_head, make_optimizer
-    from cxrnn.training.trainer import train
+    from cxrnn.training.run import train
 
     work = Path(tempfile.mkdtemp(prefix="cxrnn-speed-"))
     data = work / "phantom"

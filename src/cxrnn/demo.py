@@ -14,9 +14,9 @@ from typing import Callable
 
 from cxrnn.data.io import reference_radiograph
 from cxrnn.data.phantom import PHANTOM_VERSION, PhantomConfig, generate_phantom
-from cxrnn.predict import Prediction, Predictor
+from cxrnn.inference.predictor import Prediction, Predictor
 from cxrnn.training.config import TrainConfig
-from cxrnn.training.trainer import TrainResult, train
+from cxrnn.training.run import TrainResult, train
 
 
 @dataclass

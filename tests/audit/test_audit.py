@@ -7,7 +7,7 @@ from cxrnn.audit import run_audit
 from cxrnn.data.dataset import load_dataset
 from cxrnn.data.phantom import PhantomConfig, generate_phantom
 from cxrnn.data.splits import train_val_test_split
-from cxrnn.training.trainer import group_array
+from cxrnn.training.run import group_array
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def marker_phantom(tmp_path_factory):
 
 def test_model_checks_catch_a_model_that_reads_the_marker(marker_phantom, trained_run, cache_dir, tmp_path):
     from cxrnn.training.config import TrainConfig
-    from cxrnn.training.trainer import train
+    from cxrnn.training.run import train
 
     cheat = train(TrainConfig(data=str(marker_phantom), backbone="efficientnet_lite0", head="pool", weights="imagenet",
                               out=str(tmp_path / "cheat"), epochs=30, batch_size=16, patience=0,

@@ -14,7 +14,7 @@ from cxrnn.cli import app
 from cxrnn.data.dataset import load_dataset
 from cxrnn.data.io import read_image, reference_radiograph
 from cxrnn.explain import CamExplainer, explain
-from cxrnn.explain.evaluate import dilate, evaluate_explanations, score_map
+from cxrnn.explain.localisation import dilate, evaluate_explanations, score_map
 from cxrnn.explain.overlay import OutputNamer, overlay_cam
 from cxrnn.models.bundle import load_bundle
 

@@ -18,8 +18,8 @@ import torch
 
 from cxrnn.data.dataset import load_dataset
 from cxrnn.data.phantom import PhantomConfig, generate_phantom
-from cxrnn.feature_matrix import FeatureRows, open_matrix, take_rows, write_matrix
-from cxrnn.features import FeatureStore
+from cxrnn.features.matrix import FeatureRows, open_matrix, take_rows, write_matrix
+from cxrnn.features.store import FeatureStore
 from cxrnn.models.backbones import create_backbone
 
 TINY = "mobilenetv3_small_050"  # a timm net small enough for 2 processes on 2 cores
@@ -147,7 +147,7 @@ def test_onnxruntime_extraction_matches_torch_and_exports_once(small_phantom, tm
 
 
 def test_auto_extraction_falls_back_to_torch_when_export_fails(small_phantom, tiny_backbone, tmp_path, monkeypatch):
-    import cxrnn.extractors as extractors
+    import cxrnn.features.extractors as extractors
 
     def broken_export(*args, **kwargs):
         raise RuntimeError("Unsupported: ONNX export of operator foo\nsecond line")
@@ -206,7 +206,7 @@ def test_fit_head_reads_lazy_rows_like_an_array(tmp_path):
 
 
 def test_predictor_bf16_close_to_fp32(trained_run, phantom_dir):
-    from cxrnn.predict import Predictor
+    from cxrnn.inference.predictor import Predictor
 
     files = sorted((phantom_dir / "covid").glob("*.png"))[:4]
     fp32 = Predictor.from_file(trained_run.model_path)

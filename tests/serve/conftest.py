@@ -16,7 +16,7 @@ def tiny_bundle(head: str, with_ood: bool = True):
 
     from cxrnn.models.backbones import create_backbone
     from cxrnn.models.bundle import ModelBundle, build_network
-    from cxrnn.ood import fit_ood_stats
+    from cxrnn.models.ood import fit_ood_stats
 
     backbone = create_backbone("test_efficientnet", "none", seed=0)
     options = {"paper": {"lstm_units": 8, "dense": [16]}, "pool": {}}.get(head, {"hidden": 16, "dense": 8})

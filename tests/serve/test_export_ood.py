@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from cxrnn.export import export_model
-from cxrnn.inference import OnnxEngine, TorchEngine
+from cxrnn.inference.export import export_model
+from cxrnn.inference.graph import OnnxEngine, TorchEngine
 from cxrnn.models.bundle import load_bundle, save_bundle
-from cxrnn.ood import OodStats, fit_ood_stats
-from cxrnn.predict import Predictor
+from cxrnn.models.ood import OodStats, fit_ood_stats
+from cxrnn.inference.predictor import Predictor
 
 
 @pytest.mark.parametrize("head", ["lstm", "paper"])

@@ -6,7 +6,7 @@ from cxrnn.data.phantom import PhantomConfig, generate_phantom
 from cxrnn.models.bundle import load_bundle
 from cxrnn.training.compare import compare
 from cxrnn.training.config import resolve_config
-from cxrnn.training.trainer import train
+from cxrnn.training.run import train
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from cxrnn.cli import app
 from cxrnn.models.bundle import load_bundle
 from cxrnn.training.config import TrainConfig
-from cxrnn.training.trainer import train
+from cxrnn.training.run import train
 
 runner = CliRunner()
 PHANTOM_PER_CLASS = 40  # tests/conftest.py's phantom_dir
@@ -77,7 +77,7 @@ def test_class_names_are_sorted_and_travel_with_the_model(trained_run, phantom_d
     bundle = load_bundle(trained_run.model_path)
     assert bundle.classes == sorted(bundle.classes) == ["covid", "normal", "pneumonia"]
     # predictions name the class the image was drawn from far more often than chance, per class
-    from cxrnn.predict import Predictor
+    from cxrnn.inference.predictor import Predictor
 
     predictor = Predictor(bundle)
     for name in bundle.classes:

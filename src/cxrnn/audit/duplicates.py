@@ -53,8 +53,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-from cxrnn.atomic import atomic_write_bytes, atomic_write_text
-from cxrnn.data.io import ImageReadError, as_read_error, file_digest, read_image
+from cxrnn.utils.atomic import atomic_write_bytes, atomic_write_text
+from cxrnn.data.io import ImageReadError, as_read_error, read_image
+from cxrnn.utils.hashing import file_digest
 
 HASH_VERSION = 2  # 2: thumbnails for the alignment pass
 HASH_SIZE = 16  # 256-bit pHash
@@ -168,7 +169,7 @@ class HashCache:
     thumbnails of the alignment pass sit beside it as one PNG per file (grey + alpha = not padding)."""
 
     def __init__(self, root: str | Path | None = None):
-        from cxrnn.features import default_cache_dir
+        from cxrnn.utils.cache import default_cache_dir
 
         base = Path(root) if root is not None else default_cache_dir()
         self.path = base / "image-hashes" / f"v{HASH_VERSION}-{HASH_SIZE}-{len(PROBE_SHIFTS)}.json"

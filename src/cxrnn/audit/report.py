@@ -204,7 +204,7 @@ def _fmt(v: Any) -> str:
 
 
 def write_audit(result: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
-    from cxrnn.atomic import atomic_write_text
+    from cxrnn.utils.atomic import atomic_write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ def source_probe(bundle: ModelBundle, dataset: Dataset, cache_dir: str | Path | 
     from sklearn.preprocessing import StandardScaler
 
     from cxrnn.audit.metadata import chance_accuracy
-    from cxrnn.features import FeatureStore
+    from cxrnn.features.store import FeatureStore
 
     sources = [s.source for s in dataset.samples]
     if any(s is None for s in sources) or len(set(sources)) < 2:
@@ -70,7 +70,7 @@ def lesion_removed_test(bundle: ModelBundle, dataset: Dataset, max_cases: int = 
     """Share of lesion-free re-renders of abnormal phantom cases the model still calls abnormal."""
     from cxrnn.data.io import read_image
     from cxrnn.data.phantom import render_case
-    from cxrnn.predict import Predictor
+    from cxrnn.inference.predictor import Predictor
 
     found = _phantom_cases(dataset)
     abnormal = [c for c in bundle.classes if c in ABNORMAL]

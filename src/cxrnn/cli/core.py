@@ -71,7 +71,7 @@ def train(
 ) -> None:
     """Train a CNN->RNN model; writes config.yaml, model.pt, history.csv, metrics.json, plots, report.md."""
     from cxrnn.training.config import resolve_config
-    from cxrnn.training.trainer import train as run_train
+    from cxrnn.training.run import train as run_train
 
     values = dict(data=data, backbone=backbone, head=head, weights=weights, out=out, seed=seed,
                   test_size=test_size, val_size=val_size, folds=folds, group_by=group_by, optimizer=optimizer,
@@ -90,7 +90,7 @@ def train(
             result = run_train(cfg, progress=bars, log=log)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc))
-    from cxrnn import distributed
+    from cxrnn.utils import distributed
 
     if not distributed.info().is_main:
         return  # under torchrun, rank 0 reports
@@ -106,7 +106,7 @@ def evaluate(
 ) -> None:
     """Score a model on a labelled dataset: metrics.json, confusion_matrix.png, roc.png."""
     from cxrnn.data.dataset import load_dataset
-    from cxrnn.evaluation.evaluate import evaluate_dataset, write_evaluation
+    from cxrnn.evaluation.scoring import evaluate_dataset, write_evaluation
     from cxrnn.models.bundle import load_bundle
 
     try:
@@ -142,7 +142,7 @@ def predict(
 ) -> None:
     """Classify images: the label and every class probability per image."""
     from cxrnn.data.dataset import list_image_files
-    from cxrnn.predict import Predictor
+    from cxrnn.inference.predictor import Predictor
 
     try:
         predictor = Predictor.from_file(model, batch_size=batch_size, runtime=runtime, device=device,

@@ -18,7 +18,7 @@ def write_cam_dir(model_or_bundle, files: list, out_dir: Path, method: str = "gr
                   layer: Optional[str] = None, batch_size: int = 8, alpha: float = 0.4, colormap: str = "jet",
                   quiet: bool = False) -> dict:
     """Shared by ``explain`` and ``predict --cam``: write the maps; per-image lines unless ``quiet``."""
-    from cxrnn.explain.export import explain_to_dir
+    from cxrnn.explain.folder import explain_to_dir
     from cxrnn.models.bundle import ModelBundle, load_bundle
 
     def report(exp, written) -> None:
@@ -77,7 +77,7 @@ def explain_eval(
     batch_size: int = typer.Option(8),
 ) -> None:
     """Check maps against known lesions: pointing-game hit rate and map energy in lesions / lungs."""
-    from cxrnn.explain.evaluate import evaluate_explanations, write_explain_eval
+    from cxrnn.explain.localisation import evaluate_explanations, write_explain_eval
     from cxrnn.models.bundle import load_bundle
 
     try:

@@ -29,9 +29,9 @@ def extract(
 
     Under ``torchrun --nproc-per-node N`` each process extracts its share of the missing maps.
     """
-    from cxrnn import distributed
+    from cxrnn.utils import distributed
     from cxrnn.data.dataset import load_dataset
-    from cxrnn.features import FeatureStore
+    from cxrnn.features.store import FeatureStore
     from cxrnn.models.backbones import create_backbone
 
     try:

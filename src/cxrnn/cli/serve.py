@@ -44,7 +44,7 @@ def export(
     out: Path = typer.Option(..., help="Output file (e.g. model.onnx)."),
 ) -> None:
     """Export the inference graph (probabilities, logits, OOD score) with a free batch axis."""
-    from cxrnn.export import export_model
+    from cxrnn.inference.export import export_model
 
     try:
         path = export_model(model, format, out)

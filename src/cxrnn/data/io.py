@@ -542,14 +542,3 @@ def reference_radiograph(name: str = "RG1_UNCR.dcm") -> Path:
     raise FileNotFoundError(
         f"reference radiograph {name!r} is not in the installed 'pydicom-data' package"
     )
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes: the identity of an image in every cache (features, hashes, model versions)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -11,42 +11,48 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from cxrnn.atomic import atomic_write
 from cxrnn.data.io import ImageReadError, read_image
-from cxrnn.models.backbones import Preprocessing
-from cxrnn.models.preprocess import resize_to_input
+from cxrnn.utils.atomic import atomic_write
+
+# A decoded grey [0,1] image -> what the consumer wants (e.g. resized to a backbone's input); it runs in
+# the DataLoader workers, so it must be picklable (a module-level function or a functools.partial).
+Transform = Callable[[np.ndarray], np.ndarray]
+# Something else computed from the full decoded image while it is in memory (e.g. duplicate hashes), so
+# that a command needing the image twice decodes it once; also runs in the workers.
+SideComputation = Callable[[np.ndarray, "str | None"], Any]
 
 
 class DecodedImageCache:
-    """Grey images resized to one input size, stored as ``.npy`` per (file content, size, interpolation).
+    """Transformed images stored as ``.npy`` per (file content, transform tag).
 
-    Values are exactly what ``to_input_tensor`` would compute from the decoded file, so features from a
-    cached image equal those from the file.
+    Values are exactly what the transform computes from the decoded file, so features from a cached image
+    equal those from the file.
     """
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def path_for(self, digest: str, prep: Preprocessing) -> Path:
-        tag = hashlib.sha256(f"{digest}:{prep.input_size}:{prep.interpolation}".encode()).hexdigest()
-        return self.root / tag[:2] / f"{tag}.npy"
+    def path_for(self, digest: str, tag: str) -> Path:
+        key = hashlib.sha256(f"{digest}:{tag}".encode()).hexdigest()
+        return self.root / key[:2] / f"{key}.npy"
 
-    def load(self, path: str | Path, digest: str, prep: Preprocessing) -> np.ndarray:
-        target = self.path_for(digest, prep)
+    def get(self, digest: str, tag: str) -> np.ndarray | None:
+        target = self.path_for(digest, tag)
         if target.exists():
             try:
                 return np.load(target)
             except (OSError, ValueError):
-                pass  # a damaged cache entry is rebuilt below
-        image = resize_to_input(read_image(path), prep)
-        atomic_write(target, lambda fh: np.save(fh, image))
-        return image
+                pass  # a damaged entry is rebuilt by the caller
+        return None
+
+    def put(self, digest: str, tag: str, image: np.ndarray) -> None:
+        atomic_write(self.path_for(digest, tag), lambda fh: np.save(fh, image))
 
 
 @dataclass
@@ -54,32 +60,44 @@ class LoadedImage:
     index: int
     image: np.ndarray | None
     error: ImageReadError | None
+    side: Any = None  # the side computation's result; None when it did not run (cache hit, none asked)
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Item ``i`` is (i, grey image at input size or None, read error or None): a bad file is a value,
-    so one unreadable image never kills a DataLoader worker or a batch."""
+    """Item ``i`` is (i, transformed grey image or None, read error or None): a bad file is a value,
+    so one unreadable image never kills a DataLoader worker or a batch.
 
-    def __init__(self, paths: Sequence[str | Path], prep: Preprocessing, positions: Sequence[int] | None = None,
-                 digests: Sequence[str | None] | None = None, cache: DecodedImageCache | None = None):
+    ``tag`` names the transform in the decoded-image cache; ``side`` (optional) is computed on the full
+    decoded image whenever the file is actually decoded.
+    """
+
+    def __init__(self, paths: Sequence[str | Path], transform: Transform, tag: str,
+                 positions: Sequence[int] | None = None, digests: Sequence[str | None] | None = None,
+                 cache: DecodedImageCache | None = None, side: SideComputation | None = None):
         self.paths = [str(p) for p in paths]
-        self.prep = prep
+        self.transform = transform
+        self.tag = tag
         self.positions = list(range(len(self.paths))) if positions is None else list(positions)
         self.digests = digests
         self.cache = cache
+        self.side = side
 
     def __len__(self) -> int:
         return len(self.positions)
 
     def __getitem__(self, item: int) -> LoadedImage:
         i = self.positions[item]
+        digest = self.digests[i] if self.digests is not None else None
         try:
-            digest = self.digests[i] if self.digests is not None else None
             if self.cache is not None and digest:
-                image = self.cache.load(self.paths[i], digest, self.prep)
-            else:
-                image = resize_to_input(read_image(self.paths[i]), self.prep)
-            return LoadedImage(i, image, None)
+                cached = self.cache.get(digest, self.tag)
+                if cached is not None:
+                    return LoadedImage(i, cached, None)
+            full = read_image(self.paths[i])
+            image = self.transform(full)
+            if self.cache is not None and digest:
+                self.cache.put(digest, self.tag, image)
+            return LoadedImage(i, image, None, self.side(full, digest) if self.side is not None else None)
         except ImageReadError as err:
             return LoadedImage(i, None, err)
 

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from cxrnn.atomic import atomic_write_bytes
+from cxrnn.utils.atomic import atomic_write_bytes
 
 __all__ = [
     "CLASSES",

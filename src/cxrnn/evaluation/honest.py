@@ -117,7 +117,7 @@ def report_sections(metrics: dict[str, Any]) -> list[str]:
 
 def head_logits(head: torch.nn.Module, features, idx: np.ndarray) -> np.ndarray:
     """Logits of the rows ``idx`` of a feature matrix (array or memmap), batch by batch."""
-    from cxrnn.feature_matrix import FeatureRows
+    from cxrnn.features.matrix import FeatureRows
     from cxrnn.training.loop import rows_logits
 
     if len(idx) == 0:
@@ -131,7 +131,7 @@ def leave_one_source_out(sources: Sequence[str | None], labels: np.ndarray, feat
     """Hold out each source in turn: train (fresh) on the others, calibrate on their validation part, test on it."""
     from cxrnn.data.splits import holdout
     from cxrnn.evaluation.metrics import compute_metrics
-    from cxrnn.feature_matrix import FeatureRows
+    from cxrnn.features.matrix import FeatureRows
     from cxrnn.training.loop import fit_head
 
     if any(s is None for s in sources):

@@ -32,7 +32,7 @@ def confusion_table(metrics: dict[str, Any]) -> list[str]:
 
 
 def write_report(run_dir: str | Path, cfg: Any, result: Any, extra_sections: list[str] | None = None) -> Path:
-    from cxrnn.atomic import atomic_write_text
+    from cxrnn.utils.atomic import atomic_write_text
 
     m = result.metrics
     lines = [

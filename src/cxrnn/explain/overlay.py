@@ -14,7 +14,7 @@ from typing import Mapping
 import numpy as np
 from PIL import Image
 
-from cxrnn.atomic import atomic_write_bytes
+from cxrnn.utils.atomic import atomic_write_bytes
 from cxrnn.explain.cam import Explanation
 
 

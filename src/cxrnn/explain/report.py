@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from cxrnn.atomic import atomic_write_text
-from cxrnn.explain.export import explain_to_dir
+from cxrnn.utils.atomic import atomic_write_text
+from cxrnn.explain.folder import explain_to_dir
 from cxrnn.models.bundle import load_bundle
 
 SECTION_TITLE = "## Grad-CAM panels"

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from cxrnn import __version__
-from cxrnn.atomic import atomic_write
+from cxrnn.utils.atomic import atomic_write
 from cxrnn.models.backbones import Backbone, Preprocessing, get_spec
 from cxrnn.models.heads import RecurrentHead, create_head
 from cxrnn.models.network import CxrNet

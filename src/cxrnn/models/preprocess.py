@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -34,3 +35,8 @@ def _resized(image: np.ndarray, prep: Preprocessing) -> torch.Tensor:
 def resize_to_input(image: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """The grey image at the model's input size, exactly as ``to_input_tensor`` resizes it (for caching)."""
     return _resized(image, prep)[0, 0].numpy()
+
+
+def input_transform(prep: Preprocessing) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+    """(picklable grey image -> input-size image, its tag for the decoded-image cache)."""
+    return functools.partial(resize_to_input, prep=prep), f"{prep.input_size}:{prep.interpolation}"

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cxrnn.data.io import ImageReadError, read_image, sniff_format
 from cxrnn.models.bundle import load_bundle
-from cxrnn.predict import Predictor
+from cxrnn.inference.predictor import Predictor
 from cxrnn.serve.batching import MicroBatcher, QueueFullError
 from cxrnn.serve.card import model_card, model_identity
 

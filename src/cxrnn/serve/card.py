@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from cxrnn import __version__
-from cxrnn.data.io import file_digest
+from cxrnn.utils.hashing import file_digest
 from cxrnn.models.bundle import ModelBundle
-from cxrnn.ood import OodStats
+from cxrnn.models.ood import OodStats
 
 INTENDED_USE = (
     "Research and teaching: explore how a CNN->RNN network classifies frontal chest X-rays as "

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from cxrnn.atomic import atomic_write_text
+from cxrnn.utils.atomic import atomic_write_text
 from cxrnn.training.config import TrainConfig
 
 Log = Callable[[str], None]
@@ -26,7 +26,7 @@ COLUMNS = ["backbone", "head", "accuracy", "accuracy_low", "accuracy_high", "mac
 
 def _inference_ms(model_path: Path, paths: Sequence[str], max_images: int = 32) -> tuple[float, int, int]:
     """End-to-end ms per image (read, preprocess, backbone, head) and the parameter counts."""
-    from cxrnn.predict import Predictor
+    from cxrnn.inference.predictor import Predictor
 
     predictor = Predictor.from_file(model_path)
     sample = list(paths)[:max_images]
@@ -43,7 +43,7 @@ def _inference_ms(model_path: Path, paths: Sequence[str], max_images: int = 32) 
 def compare(base: TrainConfig, backbones: Sequence[str], heads: Sequence[str], out: str | Path,
             progress=None, log: Log | None = None) -> list[dict[str, Any]]:
     """Train each pair under ``out/<backbone>-<head>/``; write compare.csv, compare.md and compare.png."""
-    from cxrnn.training.trainer import train
+    from cxrnn.training.run import train
 
     log = log or (lambda msg: None)
     out = Path(out)

@@ -41,7 +41,7 @@ class TrainConfig:
     cache_dir: str | None = None
     feature_dtype: str = "float32"
     extract_batch_size: int = 16
-    extract_runtime: str = "auto"  # auto, torch or onnx: what runs the frozen backbone (cxrnn.extractors)
+    extract_runtime: str = "auto"  # auto, torch or onnx: what runs the frozen backbone (cxrnn.features.extractors)
     strict: bool = False
     device: str = "cpu"
     bootstrap: int = 1000  # bootstrap resamples for the test metrics' 95% intervals (0: none)
@@ -66,7 +66,7 @@ class TrainConfig:
             raise ValueError("folds must be 0 (no k-fold) or >= 2")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
-        from cxrnn.extractors import EXTRACT_RUNTIMES  # here: importing it pulls in torch
+        from cxrnn.features.extractors import EXTRACT_RUNTIMES  # here: importing it pulls in torch
 
         if self.extract_runtime not in EXTRACT_RUNTIMES:
             raise ValueError(f"extract_runtime must be one of {', '.join(EXTRACT_RUNTIMES)}, not {self.extract_runtime!r}")

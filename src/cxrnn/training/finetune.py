@@ -23,7 +23,7 @@ from torch import nn
 
 from cxrnn.data.dataset import Dataset
 from cxrnn.data.splits import train_val_test_split
-from cxrnn.evaluation.evaluate import write_evaluation
+from cxrnn.evaluation.scoring import write_evaluation
 from cxrnn.evaluation.honest import split_groups
 from cxrnn.evaluation.metrics import compute_metrics
 from cxrnn.evaluation.report import write_report
@@ -31,7 +31,8 @@ from cxrnn.models.backbones import create_backbone
 from cxrnn.models.bundle import ModelBundle, build_network, save_bundle
 from cxrnn.models.preprocess import to_input_tensor
 from cxrnn.training.config import TrainConfig
-from cxrnn import distributed, runtime
+from cxrnn.utils import distributed
+from cxrnn.inference import device as runtime
 from cxrnn.training.loop import FitResult, lr_at, make_optimizer
 
 
@@ -39,7 +40,7 @@ def _load_resized(dataset: Dataset, prep, strict: bool, log: Callable[[str], Non
                   image_cache: str | None = None):
     """Every readable image at the input size (decoded in ``workers`` processes, optionally cached)."""
     from cxrnn.data.loading import DecodedImageCache, ImageFiles, image_loader
-    from cxrnn.data.io import file_digest
+    from cxrnn.utils.hashing import file_digest
 
     paths = [s.path for s in dataset.samples]
     cache = DecodedImageCache(image_cache) if image_cache else None
@@ -108,7 +109,7 @@ def _predict(net: nn.Module, images: list[np.ndarray], prep, batch_size: int = 3
 
 
 def train_finetune(cfg: TrainConfig, dataset: Dataset, run_dir: Path, progress=None, log=None):
-    from cxrnn.training.trainer import TrainResult, _data_summary, _write_history, group_array
+    from cxrnn.training.run import TrainResult, _data_summary, _write_history, group_array
 
     log = log or (lambda msg: None)
     dist_info = distributed.setup(runtime.resolve_device(cfg.device))
@@ -219,7 +220,7 @@ def train_finetune(cfg: TrainConfig, dataset: Dataset, run_dir: Path, progress=N
                          config=cfg.to_dict(),
                          metrics={k: metrics[k] for k in ("n", "accuracy", "macro_f1", "macro_auc")},
                          extras={"training_data": _data_summary(dataset, labels, split)})
-    from cxrnn.ood import fine_tuned_ood_extras
+    from cxrnn.models.ood import fine_tuned_ood_extras
 
     ood = fine_tuned_ood_extras(net, [images[i] for i in np.concatenate([split.train, split.val])], prep, log)
     if ood is not None:

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxrnn import runtime
-from cxrnn.feature_matrix import FeatureRows
+from cxrnn.inference import device as runtime
+from cxrnn.features.matrix import FeatureRows
 from cxrnn.training.config import TrainConfig
 
 EpochCallback = Callable[[dict], None]

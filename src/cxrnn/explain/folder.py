@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from cxrnn.atomic import atomic_write_text
+from cxrnn.utils.atomic import atomic_write_text
 from cxrnn.explain.cam import CamExplainer, Explanation
 from cxrnn.explain.overlay import OutputNamer, write_explanation
 from cxrnn.models.bundle import ModelBundle

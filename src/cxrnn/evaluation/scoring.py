@@ -11,12 +11,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from cxrnn.atomic import atomic_write_text
+from cxrnn.utils.atomic import atomic_write_text
 from cxrnn.data.dataset import Dataset
 from cxrnn.evaluation.metrics import compute_metrics
 from cxrnn.evaluation.plots import plot_confusion_matrix, plot_roc
 from cxrnn.models.bundle import ModelBundle
-from cxrnn.predict import Predictor
+from cxrnn.inference.predictor import Predictor
 
 Progress = Callable[[int, int], None]
 

@@ -1,6 +1,6 @@
 """A dataset's feature maps as one on-disk ``.npy`` matrix, read in batches so RAM stays bounded.
 
-The per-image store (``cxrnn.features``) is what extraction writes and resumes from; training wants one
+The per-image store (``cxrnn.features.store``) is what extraction writes and resumes from; training wants one
 (N, C, H, W) array. Stacking 20,000 VGG19 maps in RAM takes 2 GB in fp32 (4 GB for InceptionV3), so the
 array is assembled once on disk per (store, ordered list of images) and handed out as a read-only
 ``np.memmap`` (any code that indexes it keeps working). Training reads its batches with explicit file

@@ -6,10 +6,10 @@ that changed on disk is extracted again. Each map is written to a temp file and 
 interrupted extraction resumes where it stopped (only the missing maps are computed).
 
 Training does not stack the maps in RAM: ``extract`` assembles them once into one on-disk matrix per
-ordered list of images (``cxrnn.feature_matrix``) and returns it memory-mapped. Under torchrun each
+ordered list of images (``cxrnn.features.matrix``) and returns it memory-mapped. Under torchrun each
 process extracts its share of the missing maps and rank 0 assembles the matrix.
 
-The backbone runs on ONNX Runtime or PyTorch (``cxrnn.extractors``; ``auto`` picks the faster one).
+The backbone runs on ONNX Runtime or PyTorch (``cxrnn.features.extractors``; ``auto`` picks the faster one).
 """
 
 from __future__ import annotations
@@ -20,30 +20,25 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from cxrnn import distributed
-from cxrnn.atomic import atomic_write, atomic_write_bytes
-from cxrnn.data.io import ImageReadError, as_read_error, file_digest
-from cxrnn.extractors import check_extract_runtime, make_extractor
-from cxrnn.feature_matrix import matrix_key, open_matrix, write_matrix
+from cxrnn.utils import distributed
+from cxrnn.utils.atomic import atomic_write, atomic_write_bytes
+from cxrnn.data.io import ImageReadError, as_read_error
+from cxrnn.utils.cache import default_cache_dir
+from cxrnn.utils.hashing import file_digest
+from cxrnn.features.extractors import check_extract_runtime, make_extractor
+from cxrnn.features.matrix import matrix_key, open_matrix, write_matrix
 from cxrnn.models.backbones import Backbone
-from cxrnn.models.preprocess import to_input_tensor
-from cxrnn.runtime import check_precision, resolve_device
+from cxrnn.models.preprocess import input_transform, to_input_tensor
+from cxrnn.data.loading import DecodedImageCache, ImageFiles, SideComputation, image_loader
+from cxrnn.inference.device import check_precision, resolve_device
 
 STORE_VERSION = 1
 Progress = Callable[[int, int], None]
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("CXRNN_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))
-    return Path(base) / "cxrnn" / "features"
 
 
 @dataclass
@@ -55,6 +50,8 @@ class FeatureSet:
     errors: list[ImageReadError] = field(default_factory=list)
     n_cached: int = 0
     n_computed: int = 0
+    digests: list[str | None] = field(default_factory=list)  # per requested path; None: unreadable
+    side: dict[int, Any] = field(default_factory=dict)  # path index -> side computation, where it ran
 
 
 class FeatureStore:
@@ -98,8 +95,13 @@ class FeatureStore:
         progress: Progress | None = None,
         strict: bool = False,
         warn: Callable[[str], None] | None = None,
+        side: SideComputation | None = None,
     ) -> FeatureSet:
-        """Features for every readable file; unreadable ones are skipped with one warning each."""
+        """Features for every readable file; unreadable ones are skipped with one warning each.
+
+        ``side(image, digest)`` runs on the full decoded image of every file this call decodes (files
+        already in the store are not decoded); its results come back in ``FeatureSet.side``.
+        """
         warn = warn or (lambda msg: print(msg, file=sys.stderr))
         digests: list[str | None] = []
         errors: list[ImageReadError] = []
@@ -115,22 +117,25 @@ class FeatureStore:
                 digests.append(None)
         todo = [i for i, d in enumerate(digests) if d is not None and not self.path_for(d).exists()]
         n_cached = sum(1 for d in digests if d is not None) - len(todo)
-        n_computed, failed = self._compute(paths, digests, todo, batch_size, progress, strict, warn, errors)
+        sides: dict[int, Any] = {}
+        n_computed, failed = self._compute(paths, digests, todo, batch_size, progress, strict, warn, errors,
+                                           side, sides)
         for i in failed:
             digests[i] = None
         kept = [i for i, d in enumerate(digests) if d is not None]
         matrix = self.matrix([digests[i] for i in kept])  # type: ignore[misc]
-        return FeatureSet(matrix, kept, errors, n_cached=n_cached, n_computed=n_computed)
+        return FeatureSet(matrix, kept, errors, n_cached=n_cached, n_computed=n_computed, digests=digests,
+                          side=sides)
 
-    def _compute(self, paths, digests, todo, batch_size, progress, strict, warn, errors) -> tuple[int, list[int]]:
+    def _compute(self, paths, digests, todo, batch_size, progress, strict, warn, errors, side, sides
+                 ) -> tuple[int, list[int]]:
         """Compute and write the missing maps (this process's share under torchrun); returns
         (maps computed by all processes, indices of files that turned out unreadable)."""
-        from cxrnn.data.loading import DecodedImageCache, ImageFiles, image_loader
-
         dist_info = distributed.setup(self.device)
         device = distributed.local_device(self.device)
-        files = ImageFiles(paths, self.backbone.preprocessing, positions=todo, digests=digests,
-                           cache=DecodedImageCache(self.image_cache) if self.image_cache else None)
+        transform, tag = input_transform(self.backbone.preprocessing)
+        files = ImageFiles(paths, transform, tag, positions=todo, digests=digests,
+                           cache=DecodedImageCache(self.image_cache) if self.image_cache else None, side=side)
         sampler = None
         if dist_info.enabled:
             sampler = torch.utils.data.distributed.DistributedSampler(
@@ -161,6 +166,7 @@ class FeatureStore:
                     for item, fmap in zip(ok, engine(x)):
                         self._write(digests[item.index], fmap)
                     computed.extend(item.index for item in ok)
+                    sides.update((item.index, item.side) for item in ok if item.side is not None)
                 done += len(batch)
                 if progress:
                     progress(done, share)
@@ -193,15 +199,6 @@ class FeatureStore:
             write_matrix(target, len(digests), tuple(first.shape), self.dtype, rows)
         distributed.barrier()
         return open_matrix(target)
-
-    def load(self, digests: Sequence[str]) -> np.ndarray:
-        if not digests:
-            return np.zeros((0,), dtype=np.float32)
-        first = np.load(self.path_for(digests[0]), mmap_mode="r")
-        out = np.empty((len(digests), *first.shape), dtype=np.float32)
-        for row, digest in enumerate(digests):
-            out[row] = np.load(self.path_for(digest), mmap_mode="r")
-        return out
 
     def _write(self, digest: str, fmap: np.ndarray) -> None:
         atomic_write(self.path_for(digest), lambda fh: np.save(fh, fmap.astype(self.dtype, copy=False)))

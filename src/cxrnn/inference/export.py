@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from cxrnn.inference import OUTPUT_NAMES, InferenceModule
+from cxrnn.inference.graph import OUTPUT_NAMES, InferenceModule
 from cxrnn.models.bundle import ModelBundle, load_bundle
-from cxrnn.ood import OodStats
+from cxrnn.models.ood import OodStats
 
 FORMATS = ("onnx", "torchscript")
 OPSET = 17

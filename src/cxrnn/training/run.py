@@ -19,13 +19,13 @@ import torch
 
 from cxrnn.data.dataset import Dataset, load_dataset
 from cxrnn.data.splits import kfold, train_val_test_split
-from cxrnn.atomic import atomic_write_text
-from cxrnn.evaluation.evaluate import write_evaluation
+from cxrnn.utils.atomic import atomic_write_text
+from cxrnn.evaluation.scoring import write_evaluation
 from cxrnn.evaluation.honest import add_uncertainty, calibrate, head_logits, leave_one_source_out, report_sections, split_groups
 from cxrnn.evaluation.metrics import compute_metrics
 from cxrnn.evaluation.report import write_report
-from cxrnn.feature_matrix import FeatureRows
-from cxrnn.features import FeatureStore
+from cxrnn.features.matrix import FeatureRows
+from cxrnn.features.store import FeatureStore
 from cxrnn.models.backbones import create_backbone
 from cxrnn.models.bundle import ModelBundle, build_network, save_bundle
 from cxrnn.training.config import TrainConfig
@@ -90,7 +90,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None, log: Log | None = 
         warn=lambda msg: log(msg),
     )
     timings["extract_s"] = time.perf_counter() - t0
-    from cxrnn import distributed
+    from cxrnn.utils import distributed
 
     if not distributed.info().is_main:  # under torchrun the others helped extract; rank 0 trains the head
         return TrainResult(run_dir, run_dir / "model.pt", {}, [], timings=timings)
@@ -192,7 +192,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None, log: Log | None = 
         metrics={k: metrics[k] for k in ("n", "accuracy", "macro_f1", "macro_auc") if k in metrics},
         extras={"training_data": _data_summary(dataset, labels, split)},
     )
-    from cxrnn.ood import ood_extras
+    from cxrnn.models.ood import ood_extras
 
     # The gate's statistics come from every image the model was fitted on, never from the test split.
     ood = ood_extras(features, np.concatenate([split.train, split.val]), log)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from cxrnn.models.bundle import ModelBundle
-from cxrnn.ood import MahalanobisScore, OodStats
+from cxrnn.models.ood import MahalanobisScore, OodStats
 
 OUTPUT_NAMES = ("probabilities", "logits", "ood_score")
 RUNTIMES = ("torch", "onnx")
@@ -65,7 +65,7 @@ class OnnxEngine:
         if onnx_path is None:
             if bundle is None:
                 raise ValueError("OnnxEngine needs an ONNX file or a model bundle to export")
-            from cxrnn.export import export_onnx
+            from cxrnn.inference.export import export_onnx
 
             self._tmp = tempfile.TemporaryDirectory(prefix="cxrnn-onnx-")
             onnx_path = export_onnx(bundle, Path(self._tmp.name) / "model.onnx")

@@ -29,7 +29,7 @@ from scipy import ndimage
 
 from cxrnn.data.dataset import Dataset, Sample, load_dataset
 from cxrnn.data.io import ImageReadError, read_image
-from cxrnn.atomic import atomic_write_text
+from cxrnn.utils.atomic import atomic_write_text
 from cxrnn.audit.shortcut import lesion_removed_test
 from cxrnn.explain.cam import CamExplainer
 from cxrnn.models.bundle import ModelBundle

@@ -20,9 +20,9 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from cxrnn import runtime
-from cxrnn.atomic import atomic_write
-from cxrnn.export import OPSET
+from cxrnn.inference import device as runtime
+from cxrnn.utils.atomic import atomic_write
+from cxrnn.inference.export import OPSET
 from cxrnn.models.backbones import Backbone
 
 EXTRACT_RUNTIMES = ("auto", "torch", "onnx")

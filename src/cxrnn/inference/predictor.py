@@ -35,14 +35,14 @@ class Predictor:
 
     def __init__(self, bundle: ModelBundle, batch_size: int = 16, runtime: str = "torch", device: str = "cpu",
                  precision: str = "fp32"):
-        from cxrnn.inference import make_engine
-        from cxrnn.ood import OodStats
+        from cxrnn.inference.graph import make_engine
+        from cxrnn.models.ood import OodStats
 
         self.bundle = bundle
         self.batch_size = batch_size
         self.bundle.net.eval()
         self.engine = make_engine(bundle, runtime)  # torch or onnxruntime: same outputs
-        from cxrnn.runtime import accelerate_engine
+        from cxrnn.inference.device import accelerate_engine
 
         self.engine = accelerate_engine(self.engine, device, precision)
         self.ood_stats = OodStats.from_extras(bundle.extras)
@@ -110,6 +110,6 @@ class Predictor:
 
 
 def predict(model: str | Path | ModelBundle, paths: Iterable[str | Path]) -> list[Prediction]:
-    """Convenience: ``cxrnn.predict.predict("run/model.pt", ["a.png"])``."""
+    """Convenience: ``cxrnn.inference.predictor.predict("run/model.pt", ["a.png"])``."""
     bundle = model if isinstance(model, ModelBundle) else load_bundle(model)
     return Predictor(bundle).predict_paths(paths)

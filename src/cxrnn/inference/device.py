@@ -96,7 +96,7 @@ def features_to_numpy(maps: torch.Tensor):
 class DeviceEngine:
     """Runs an inference engine's torch module on a device, in channels_last, under the chosen precision.
 
-    Wraps ``cxrnn.inference.TorchEngine`` (same outputs: a dict of float32 numpy arrays) so prediction
+    Wraps ``cxrnn.inference.graph.TorchEngine`` (same outputs: a dict of float32 numpy arrays) so prediction
     and serving get ``--device``/``--precision`` without a second inference graph.
     """
 
@@ -107,7 +107,7 @@ class DeviceEngine:
         self.module = prepare_module(engine.module.eval(), self.device)
 
     def __call__(self, x: torch.Tensor) -> dict:
-        from cxrnn.inference import OUTPUT_NAMES
+        from cxrnn.inference.graph import OUTPUT_NAMES
 
         with torch.inference_mode(), autocast(self.device, self.precision):
             outs = self.module(to_device_input(x, self.device))

@@ -1,0 +1,1 @@
+"""Helpers every stage uses: atomic writes, content digests, cache locations, multi-process runs."""
