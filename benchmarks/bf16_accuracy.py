@@ -29,7 +29,7 @@ from cxrnn.data.phantom import generate_phantom
 from cxrnn.demo import demo_configs
 from cxrnn.inference.predictor import Predictor
 from cxrnn.inference.device import cpu_name, cpu_supports_bf16
-from cxrnn.training.run import train
+from cxrnn.training import train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_POINTS = 0.5

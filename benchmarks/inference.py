@@ -9,7 +9,7 @@ Prints tables and writes benchmarks/results/inference.json:
  "api": [{"model", "image", "predict_one_ms", "model_forward_ms", "ratio_to_forward"}], "startup": {...}, "decode": [...]}
 
 Modes: fp32 (NCHW), fp32_channels_last (cxrnn's torch engine), bf16 (autocast, channels_last: cxrnn's bf16
-path) and onnxruntime (cxrnn.features.extractors.OnnxExtractor: the engine `cxrnn extract`/`train` pick for fp32 on
+path) and onnxruntime (cxrnn.features.extractors.onnx_extractor: the engine `cxrnn extract`/`train` pick for fp32 on
 the CPU). FLOPs are counted by torch's FlopCounterMode
 (a multiply-add is 2 FLOPs). Paper backbones use --weights none here: speed does not depend on the values.
 The load average is recorded because other processes on the machine slow every number down; on an
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxrnn.inference import device as runtime
+from cxrnn.inference import device
 from cxrnn.utils.atomic import atomic_write_json
 from cxrnn.models.backbones import create_backbone
 
@@ -76,10 +76,10 @@ def time_call(fn, min_reps: int, max_seconds: float) -> float:
 
 def onnx_runner(backbone, threads: int):
     """cxrnn's own ONNX Runtime extraction engine (what ``cxrnn extract`` uses for fp32 on the CPU)."""
-    from cxrnn.features.extractors import OnnxExtractor
+    from cxrnn.features.extractors import onnx_extractor
 
     tmp = tempfile.TemporaryDirectory(prefix="cxrnn-bench-")
-    return OnnxExtractor(backbone, Path(tmp.name) / "backbone.onnx", threads=threads), tmp
+    return onnx_extractor(backbone, Path(tmp.name) / "backbone.onnx", threads=threads), tmp
 
 
 def bench_backbone(name: str, batches: list[int], modes: list[str], peak: dict[str, float], reps: int,
@@ -97,7 +97,7 @@ def bench_backbone(name: str, batches: list[int], modes: list[str], peak: dict[s
         elif mode == "fp32":
             backbone = backbone.to(memory_format=torch.contiguous_format)
         else:
-            backbone = runtime.prepare_module(backbone, "cpu")
+            backbone = device.prepare_module(backbone, "cpu")
         for batch in batches:
             x = torch.randn(batch, 3, size, size)
             if mode == "onnxruntime":
@@ -122,7 +122,7 @@ def bench_backbone(name: str, batches: list[int], modes: list[str], peak: dict[s
 
 
 def _forward(module: torch.nn.Module, x: torch.Tensor, precision: str) -> torch.Tensor:
-    with torch.inference_mode(), runtime.autocast("cpu", precision):
+    with torch.inference_mode(), device.autocast("cpu", precision):
         return module(x)
 
 
@@ -166,7 +166,7 @@ def bench_api(reps: int, max_seconds: float) -> dict:
         model_path = save_bundle(bundle, tmp / f"{name}.pt")
         startup_model = startup_model or model_path
         predictor = Predictor.from_file(model_path, batch_size=1)
-        module = runtime.prepare_module(predictor.bundle.net.eval(), "cpu")
+        module = device.prepare_module(predictor.bundle.net.eval(), "cpu")
         for label, image_path in images.items():
             api_s = time_call(lambda: predictor.predict_paths([image_path]), reps, max_seconds)
             x = to_input_tensor([read_image(image_path)], predictor.bundle.preprocessing)
@@ -244,9 +244,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     backbones = args.backbones or (["efficientnet_lite0", "vgg19"] if args.quick else BACKBONES)
 
-    machine = {"cpu": runtime.cpu_name(), "threads": torch.get_num_threads(),
+    machine = {"cpu": device.cpu_name(), "threads": torch.get_num_threads(),
                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-               "native_bf16": runtime.cpu_supports_bf16(), "torch": torch.__version__,
+               "native_bf16": device.cpu_supports_bf16(), "torch": torch.__version__,
                "load_average_start": os.getloadavg()[0]}
     machine["matmul_gflops_fp32"] = matmul_gflops(torch.float32)
     machine["matmul_gflops_bf16"] = matmul_gflops(torch.bfloat16)

@@ -38,8 +38,7 @@ def child(args: argparse.Namespace) -> None:
     from cxrnn.features.matrix import FeatureRows, open_matrix
     from cxrnn.models.heads import create_head
     from cxrnn.training.config import TrainConfig
-    from cxrnn.training.loop import fit_head
-    from cxrnn.training.run import _probs
+    from cxrnn.training.loop import fit_head, rows_logits
 
     torch.set_num_threads(1)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -55,7 +54,7 @@ def child(args: argparse.Namespace) -> None:
     head = create_head(args.head, c, matrix.shape[2] * matrix.shape[3], 3)
     cfg = TrainConfig(epochs=1, batch_size=32, patience=0)
     fit_head(head, FeatureRows(matrix, train), labels[train], FeatureRows(matrix, val), labels[val], cfg, seed=0)
-    _probs(head, FeatureRows(matrix, test))
+    torch.softmax(rows_logits(head, FeatureRows(matrix, test)), dim=1)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"peak_rss_mib": peak / 1024, "baseline_rss_mib": baseline / 1024,
                       "seconds": time.perf_counter() - start}))

@@ -60,7 +60,7 @@ def main() -> None:
     from cxrnn.models.preprocess import to_input_tensor
     from cxrnn.training.config import PRESETS, TrainConfig
     from cxrnn.training.loop import fit_head, make_optimizer
-    from cxrnn.training.run import train
+    from cxrnn.training import train
 
     work = Path(tempfile.mkdtemp(prefix="cxrnn-speed-"))
     data = work / "phantom"

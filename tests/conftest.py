@@ -46,7 +46,7 @@ def trained_run(phantom_dir: Path, cache_dir: Path, tmp_path_factory: pytest.Tem
     small set that is enough to change the model.
     """
     from cxrnn.training.config import TrainConfig
-    from cxrnn.training.run import train
+    from cxrnn.training import train
 
     out, own_cache = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("run-cache")
     cfg = TrainConfig(data=str(phantom_dir), backbone="efficientnet_lite0", head="bilstm", weights="imagenet",

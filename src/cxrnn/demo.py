@@ -16,7 +16,7 @@ from cxrnn.data.io import reference_radiograph
 from cxrnn.data.phantom import PHANTOM_VERSION, PhantomConfig, generate_phantom
 from cxrnn.inference.predictor import Prediction, Predictor
 from cxrnn.training.config import TrainConfig
-from cxrnn.training.run import TrainResult, train
+from cxrnn.training import TrainResult, train
 
 
 @dataclass

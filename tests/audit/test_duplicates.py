@@ -1,14 +1,18 @@
-import io
+import pickle
 import shutil
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from cxrnn.audit.duplicates import HashCache, combine_groups, find_duplicates
+import cxrnn.audit.hash_cache as hash_cache_module
+from cxrnn.audit.duplicates import duplicate_group_ids, find_duplicates
+from cxrnn.audit.hash_cache import HashCache, hash_files
+from cxrnn.audit.phash import ImageHashes, close_pairs, hash_distance, hash_side
 from cxrnn.data.dataset import load_dataset
 from cxrnn.data.phantom import PhantomConfig, generate_phantom
 from cxrnn.data.splits import train_val_test_split
+from cxrnn.utils.hashing import file_digest
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +72,6 @@ def test_duplicate_groups_never_straddle_a_split(planted, tmp_path):
                 side[i] = name
         for g in report.groups:
             assert len({side[i] for i in g}) == 1
-
-
-def test_combine_groups_is_the_union():
-    a = np.array([0, 0, 1, 2, 3])
-    b = np.array(["x", "y", "y", "z", "w"])
-    ids = combine_groups(a, b)
-    assert ids[0] == ids[1] == ids[2]
-    assert len({ids[0], ids[3], ids[4]}) == 3
-    assert combine_groups(None, None) is None
 
 
 def test_unreadable_file_is_reported_not_fatal(planted, tmp_path):
@@ -164,8 +159,6 @@ def test_audit_command_reports_aligned_copies_and_the_threshold_turns_them_off(a
 
 
 def test_close_pairs_in_chunks_match_every_pair_checked_one_by_one():
-    from cxrnn.audit.duplicates import ImageHashes, close_pairs, hash_distance
-
     rng = np.random.default_rng(0)
     base = [rng.integers(0, 2**63, (26, 4), dtype=np.uint64) for _ in range(30)]
     for b in base:
@@ -179,3 +172,43 @@ def test_close_pairs_in_chunks_match_every_pair_checked_one_by_one():
                 if hash_distance(hashes[i], hashes[j]) <= 12]
     assert sorted(close_pairs(hashes, 12)) == expected
     assert {(i, j) for i, j, _ in expected} == {(k, 30 + k) for k in range(10)}
+
+
+def test_hashes_put_from_outside_spare_every_decode(planted, tmp_path, monkeypatch):
+    """hash_side run by the image loader's worker (as the feature store runs it) hands over hashes that
+    serve find_duplicates as they are: same result, no file decoded or digested again."""
+    from cxrnn.data.loading import ImageFiles, image_loader
+
+    paths = [str(s.path) for s in load_dataset(planted).samples]
+    expected = find_duplicates(paths, cache=HashCache(tmp_path / "reference"))
+    digests = [file_digest(p) for p in paths]
+    assert pickle.loads(pickle.dumps(hash_side)) is hash_side  # workers may be spawned, not forked
+    files = ImageFiles(paths, np.copy, "full", digests=digests, side=hash_side)
+    side = {item.index: item.side for batch in image_loader(files, 16, workers=1) for item in batch}
+    cache = HashCache(tmp_path / "side")
+    for i, d in enumerate(digests):
+        assert side[i].sha256 == d
+        cache.put(side[i])
+    cache.save()
+
+    monkeypatch.setattr(hash_cache_module, "read_image", lambda p, *a, **k: pytest.fail(f"decoded {p} again"))
+    monkeypatch.setattr(hash_cache_module, "file_digest", lambda p: pytest.fail(f"digested {p} again"))
+    from_side = find_duplicates(paths, cache=HashCache(tmp_path / "side"), digests=digests)  # a fresh instance: from disk
+    assert from_side.groups == expected.groups and from_side.near_pairs == expected.near_pairs
+    assert from_side.exact_pairs == expected.exact_pairs and from_side.aligned_pairs == expected.aligned_pairs
+
+    ids, report = duplicate_group_ids(paths, cache_root=tmp_path / "ids", digests=digests,
+                                      hashes=[cache.get(d) for d in digests])  # handed over, not yet on disk
+    assert report.groups == expected.groups
+    np.testing.assert_array_equal(ids, expected.group_ids())
+
+
+def test_digests_given_by_the_caller_are_used_and_checked(planted, tmp_path):
+    paths = sorted((planted / "covid").glob("*.png"))[:3]
+    hashes, errors = hash_files(paths, digests=["a" * 64, None, "b" * 64])
+    assert not errors and [h.sha256 for h in hashes][::2] == ["a" * 64, "b" * 64]
+    assert hashes[1].sha256 == file_digest(paths[1])  # None: computed here
+    with pytest.raises(ValueError, match="2 digests for 3 paths"):
+        hash_files(paths, digests=["a" * 64, None])
+    with pytest.raises(ValueError, match="sha256"):
+        HashCache(tmp_path).put(ImageHashes("", "p", hashes[0].reference, hashes[0].probes))

@@ -15,9 +15,7 @@ from cxrnn.data.dataset import (
     Sample,
     list_image_files,
     load_dataset,
-    read_images_safely,
 )
-from cxrnn.data.io import ImageReadError
 
 
 def _png(path: Path, value: int = 128, size: int = 40) -> Path:
@@ -172,28 +170,3 @@ def test_list_image_files(class_tree: Path, tmp_path: Path):
     names = [f.name for f in files]
     assert sorted(names) == sorted(["p1.png", "p2.PNG", "explicit.xyz", "n1.png"])  # de-duplicated
     assert ".hidden.png" not in names and "notes.txt" not in names
-
-
-def test_read_images_safely(tmp_path: Path):
-    good = _png(tmp_path / "good.png", value=30)
-    empty = tmp_path / "empty.png"
-    empty.write_bytes(b"")
-    text = tmp_path / "text.png"
-    text.write_text("hello")
-    lines: list[str] = []
-    images, errors = read_images_safely([good, empty, text], warn=lines.append)
-    assert [p for p, _ in images] == [good]
-    assert images[0][1].dtype == np.float32
-    assert [e.path for e in errors] == [empty, text]
-    assert lines == [
-        f"skipped {empty}: empty file (0 bytes)",
-        f"skipped {text}: not an image (unrecognised content)",
-    ]
-    with pytest.raises(ImageReadError, match="empty file"):
-        read_images_safely([good, empty, text], strict=True)
-
-
-def test_read_images_safely_default_warns_to_stderr(tmp_path: Path, capsys):
-    images, errors = read_images_safely([tmp_path / "missing.png"])
-    assert images == [] and len(errors) == 1
-    assert capsys.readouterr().err.strip() == f"skipped {tmp_path / 'missing.png'}: file not found"

@@ -1,4 +1,4 @@
-"""Tests for cxrnn.data.io: every supported format, every bad-file kind, real DICOMs."""
+"""Tests for cxrnn.data.io (with .dicom and .errors): every supported format, every bad-file kind, real DICOMs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrnn.data import io as cio
+from cxrnn.data import errors as read_errors
+from cxrnn.data.dicom import window_output_range
 from cxrnn.data.io import (
     MIN_SIDE,
     ImageReadError,
@@ -214,7 +215,7 @@ def test_dicom_fast_window_matches_pydicom(tmp_path, function, center, width):
     extra = {"VOILUTFunction": function} if function else {}
     path = _write(tmp_path, "w.dcm", _dicom_bytes(stored, bits_stored=12, WindowCenter=center, WindowWidth=width, **extra))
     ds = pydicom.dcmread(path)
-    lo, hi = cio._window_output_range(ds)
+    lo, hi = window_output_range(ds)
     reference = (np.asarray(apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds), dtype=np.float64) - lo) / (hi - lo)
     img = read_image(path)
     assert img.dtype == np.float32
@@ -387,7 +388,7 @@ def test_decompression_bomb_rejected_before_decoding(tmp_path):
 
 
 def test_max_pixels_is_configurable(monkeypatch):
-    monkeypatch.setattr(cio, "MAX_PIXELS", 1000)
+    monkeypatch.setattr(read_errors, "MAX_PIXELS", 1000)
     err = _bad(_save_pil(Image.fromarray(_left_bright()), "PNG"), name="up.png")
     assert str(err).startswith("up.png: image too large")
 

@@ -176,7 +176,30 @@ def test_pointing_game_scoring():
     cam[60, 45] = 1.0  # 11 px away: a miss
     row = score_map(cam, lesion, np.ones_like(lesion))
     assert not row["hit"] and row["energy_in_lesion"] == 0.0 and row["energy_in_lungs"] == 1.0
-    assert dilate(lesion, 5).sum() > lesion.sum()
+    # dilation is Euclidean: a 10x10 square grown by 5 px is 20x20 with corners of radius 5 rounded off
+    grown = dilate(lesion, 5)
+    assert grown[35:55, 40:50].all() and grown[40:50, 35:55].all() and not grown[35, 35] and not grown[34, 45]
+    assert grown.sum() == 100 + 4 * 50 + 4 * sum(1 for y in range(1, 6) for x in range(1, 6) if x * x + y * y <= 25)
+
+
+def test_energy_shares_and_chance_levels_on_a_known_map():
+    lesion = np.zeros((100, 100), dtype=bool)
+    lesion[40:50, 40:50] = True  # 1% of the image
+    lungs = np.zeros_like(lesion)
+    lungs[:, 30:] = True  # 70% of the image, holding the lesion
+    cam = np.zeros((100, 100), dtype=np.float32)
+    cam[lesion] = 1.0  # mass 100 on the lesion
+    cam[0:10, 25:35] = 3.0  # mass 300 outside it, half of it (columns 30-34) inside the lungs
+    row = score_map(cam, lesion, lungs)
+    assert row["energy_in_lesion"] == pytest.approx(100 / 400)
+    assert row["energy_in_lungs"] == pytest.approx((100 + 150) / 400)
+    assert not row["hit"] and row["peak_yx"] == [0, 25]  # the first maximum, far from the lesion
+    assert row["lesion_area"] == pytest.approx(0.01) and row["lungs_area"] == pytest.approx(0.7)
+    assert row["chance_hit"] == pytest.approx(dilate(lesion, 5).mean())
+    # a flat map puts exactly each mask's area share of its energy in it: the chance level
+    flat = score_map(np.ones_like(cam), lesion, lungs)
+    assert flat["energy_in_lesion"] == pytest.approx(0.01) and flat["energy_in_lungs"] == pytest.approx(0.7)
+    assert score_map(np.zeros_like(cam), lesion, None)["energy_in_lesion"] == 0.0  # no mass, no share
 
 
 def test_explain_eval_on_the_phantom(trained_run, phantom_dir, tmp_path):
@@ -190,8 +213,17 @@ def test_explain_eval_on_the_phantom(trained_run, phantom_dir, tmp_path):
     abnormal = [s for s in load_dataset(phantom_dir).samples if s.label != "normal"]
     assert report["n"] == len(abnormal)
     assert set(report["per_class"]) == {"covid", "pneumonia"}
-    for key in ("hit_rate", "energy_in_lesion", "energy_in_lungs"):
-        assert 0.0 <= report[key] <= 1.0
+    rows = report["images"]
+    assert len(rows) == report["n"] == sum(c["n"] for c in report["per_class"].values())
+    # the summary is the mean over images, and each class's over its own images
+    assert report["hit_rate"] == pytest.approx(np.mean([r["hit"] for r in rows]))
+    for key in ("energy_in_lesion", "energy_in_lungs", "chance_hit"):
+        summary_key = "chance_hit_rate" if key == "chance_hit" else key
+        assert report[summary_key] == pytest.approx(np.mean([r[key] for r in rows]))
+        for c, part in report["per_class"].items():
+            assert part[summary_key] == pytest.approx(np.mean([r[key] for r in rows if r["label"] == c]))
+    # The maps beat a flat map: more of their energy on the lesion than the lesion's share of the image.
+    assert report["energy_in_lesion"] > report["lesion_area_share"]
     # The model does read the lesions: erased, most cases are called normal (so a miss is the map's fault).
     # Measured on this small model: 0.98 called abnormal with the lesion, 0.22 without.
     removed = report["lesion_removed"]

@@ -116,7 +116,7 @@ def test_bf16_features_are_close_to_fp32_and_stored_apart(small_phantom, tmp_pat
     a = np.asarray(fp32_store.extract(paths).features)
     b = np.asarray(bf16_store.extract(paths).features)
     relative = np.linalg.norm(a - b) / np.linalg.norm(a)
-    assert relative < 0.15, relative  # bf16 keeps ~3 significant digits through ~60 layers
+    assert 0 < relative < 0.15, relative  # bf16 ran, and keeps ~3 significant digits through ~60 layers
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
 
 
@@ -133,6 +133,11 @@ def test_onnxruntime_extraction_matches_torch_and_exports_once(small_phantom, tm
     b = np.asarray(onnx_store.extract(paths).features)
     assert (torch_store.engine_name, onnx_store.engine_name) == ("torch", "onnx")
     assert first.n_computed == 5 and exported.stat().st_mtime_ns == stamp  # exported once, then reused
+    import onnx
+
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(exported)).metadata_props}
+    assert (meta["backbone"], meta["weights"]) == ("efficientnet_lite0", backbone.weights_id)
+    assert [p.name for p in onnx_store.directory.iterdir() if p.name.endswith(".tmp")] == []
     assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
 
     auto = FeatureStore(backbone, tmp_path / "a")
@@ -152,7 +157,7 @@ def test_auto_extraction_falls_back_to_torch_when_export_fails(small_phantom, ti
     def broken_export(*args, **kwargs):
         raise RuntimeError("Unsupported: ONNX export of operator foo\nsecond line")
 
-    monkeypatch.setattr(extractors, "export_backbone_onnx", broken_export)
+    monkeypatch.setattr(extractors, "export_onnx", broken_export)
     paths = _paths(small_phantom)[:3]
     warnings: list[str] = []
     store = FeatureStore(tiny_backbone, tmp_path / "auto")
@@ -213,11 +218,44 @@ def test_predictor_bf16_close_to_fp32(trained_run, phantom_dir):
     bf16 = Predictor.from_file(trained_run.model_path, precision="bf16")
     p32 = np.array([list(p.probabilities.values()) for p in fp32.predict_paths(files)])
     p16 = np.array([list(p.probabilities.values()) for p in bf16.predict_paths(files)])
+    assert p32.shape == p16.shape == (4, 3)
     assert np.abs(p32 - p16).max() < 0.1
-    with pytest.raises(ValueError, match="cuda"):
-        if torch.cuda.is_available():
-            raise ValueError("cuda is available: nothing to refuse")
+    assert np.abs(p32 - p16).max() > 1e-6  # bf16 really ran: autocast changes the numbers
+    np.testing.assert_array_equal(p32.argmax(1), p16.argmax(1))
+
+
+def test_cuda_without_a_usable_gpu_is_a_clear_error_before_any_work(trained_run, monkeypatch, tmp_path):
+    from cxrnn.inference.device import resolve_device
+    from cxrnn.inference.predictor import Predictor
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("cuda", "cuda:1", " CUDA "):
+        with pytest.raises(ValueError, match="no CUDA GPU is available to this PyTorch build; use --device cpu"):
+            resolve_device(name)
+    with pytest.raises(ValueError, match="no CUDA GPU"):
         Predictor.from_file(trained_run.model_path, device="cuda")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        FeatureStore(create_backbone(TINY, "none"), tmp_path, device="cuda")
+    with pytest.raises(ValueError, match="device must be cpu or cuda"):
+        resolve_device("tpu")
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, not 'fp16'"):
+        Predictor.from_file(trained_run.model_path, precision="fp16")
+    assert resolve_device(None) == resolve_device(" CPU ") == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_predictor_on_cuda_matches_the_cpu(trained_run, phantom_dir):
+    from cxrnn.inference.predictor import Predictor
+
+    files = sorted((phantom_dir / "normal").glob("*.png"))[:4]
+    cpu = Predictor.from_file(trained_run.model_path).predict_paths(files)
+    gpu_predictor = Predictor.from_file(trained_run.model_path, device="cuda")
+    assert next(gpu_predictor.bundle.net.parameters()).device.type == "cuda"
+    gpu = gpu_predictor.predict_paths(files)
+    for a, b in zip(cpu, gpu):
+        assert a.label == b.label
+        np.testing.assert_allclose(list(b.probabilities.values()), list(a.probabilities.values()), atol=1e-3)
+        assert b.ood["score"] == pytest.approx(a.ood["score"], rel=1e-2)
 
 
 def _torchrun(args: list[str], cwd: Path, nproc: int) -> subprocess.CompletedProcess:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from cxrnn.data.io import reference_radiograph
+from cxrnn.models.bundle import load_bundle
+from cxrnn.models.ood import OodStats
 from cxrnn.serve.app import create_app
+from cxrnn.serve.card import wilson_interval
+from cxrnn.utils.hashing import file_digest
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +60,6 @@ def test_health_model_card_page_and_schema(client):
                 "intended_use", "limitations", "out_of_distribution"):
         assert key in card, key
     assert card["network"]["backbone"]["name"] == "efficientnet_lite0" and card["network"]["head"]["name"] == "bilstm"
-    assert card["training_data"]["n_images"] > 0
-    ci = card["test_metrics"]["accuracy_ci95"]
-    assert ci["low"] <= card["test_metrics"]["accuracy"] <= ci["high"]
-    assert card["out_of_distribution"]["threshold"] > 0
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "not a medical device" in page.text and "/static/app.js" in page.text
@@ -69,6 +70,40 @@ def test_health_model_card_page_and_schema(client):
     assert {"/v1/predict", "/v1/explain", "/v1/model", "/healthz"} <= set(schema["paths"])
     assert client.get("/docs").status_code == 200
     assert_error(client.get("/no/such/route"), 404)
+
+
+def test_model_card_holds_what_the_model_file_and_its_run_hold(client, served_model):
+    card = client.get("/v1/model").json()
+    bundle = load_bundle(served_model)
+    assert card["version"] == file_digest(served_model)[:12]
+    assert card["classes"] == bundle.classes
+    assert card["network"]["backbone"]["weights"] == bundle.weights_id
+    assert card["network"]["backbone"]["grad_cam_layer"] == bundle.target_layer
+    assert card["network"]["feature_map"] == list(bundle.feature_hw)
+    assert card["calibration"]["temperature"] == bundle.temperature
+    assert card["out_of_distribution"]["threshold"] == OodStats.from_extras(bundle.extras).threshold
+    assert card["training_data"]["n_images"] == bundle.extras["training_data"]["n_images"]
+    # The run's own measurements on its test split, not numbers recomputed by the server.
+    run = json.loads((Path(served_model).parent / "metrics.json").read_text())
+    assert (card["test_metrics"]["n"], card["test_metrics"]["accuracy"]) == (run["n"], run["accuracy"])
+    assert card["test_metrics"]["ci"]["accuracy"] == run["ci"]["accuracy"]
+    assert card["calibration"]["ece"] == pytest.approx(run["ece"], abs=1e-12)
+
+
+@pytest.mark.parametrize("successes, n, low, high", [
+    (8, 10, 0.4901625, 0.9433178),
+    (45, 50, 0.7863977, 0.9565242),
+    (1, 3, 0.0614919, 0.7923404),
+    (0, 10, 0.0, 0.2775328),  # closed form at p = 0: z^2 / (n + z^2)
+    (10, 10, 0.7224672, 1.0),  # and at p = 1: n / (n + z^2)
+])
+def test_wilson_interval_known_values(successes, n, low, high):
+    got = wilson_interval(successes, n)
+    assert got == pytest.approx((low, high), abs=1e-6)
+
+
+def test_wilson_interval_of_no_images_is_none():
+    assert wilson_interval(0, 0) is None
 
 
 def test_predict_png_jpeg_and_dicom(client, phantom_png, encode):
@@ -109,10 +144,16 @@ def test_same_image_same_answer_under_concurrency(client, phantom_png):
 
 
 def test_explain_returns_the_overlay(client, phantom_png):
+    predicted = upload(client, phantom_png.read_bytes()).json()
     r = upload(client, phantom_png.read_bytes(), path="/v1/explain")
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["target"] == body["label"] and body["method"] == "gradcam"
+    assert body["target"] == body["label"] == predicted["label"] and body["method"] == "gradcam"
+    # The CAM pass's prediction is the engine's (batch composition only moves the last bits).
+    for c, p in predicted["probabilities"].items():
+        assert abs(body["probabilities"][c] - p) < 1e-5
+    assert body["ood"]["score"] == pytest.approx(predicted["ood"]["score"], rel=1e-4)
+    assert body["ood"]["flagged"] == predicted["ood"]["flagged"] and body["image"] == predicted["image"]
     for key in ("overlay_png", "heatmap_png", "image_png"):
         image = Image.open(io.BytesIO(base64.b64decode(body[key])))
         assert image.format == "PNG" and min(image.size) >= 32
@@ -124,6 +165,19 @@ def test_explain_returns_the_overlay(client, phantom_png):
     assert_error(upload(client, phantom_png.read_bytes(), path="/v1/explain", method="magic"), 422, "method")
     assert_error(upload(client, phantom_png.read_bytes(), path="/v1/explain", target="flu"), 422, "flu")
     assert_error(upload(client, b"", path="/v1/explain"), 422, "empty")
+
+
+def test_explainer_is_kept_and_idle_between_requests(client, phantom_png):
+    data = phantom_png.read_bytes()
+    assert upload(client, data, path="/v1/explain").status_code == 200
+    service = client.app.state.service
+    explainer = service.explainers["gradcam"]
+    before = upload(client, data).json()["probabilities"]
+    assert upload(client, data, path="/v1/explain").status_code == 200
+    assert service.explainers["gradcam"] is explainer  # one explainer per method for the service's life
+    after = [upload(client, data).json()["probabilities"] for _ in range(3)]
+    assert all(a == before for a in after)  # its hooks change nothing in predictions
+    assert explainer._cam.activations_and_grads.activations == []  # and record nothing between requests
 
 
 def test_bad_uploads_are_4xx_json(client, phantom_png, encode):

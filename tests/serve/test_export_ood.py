@@ -10,11 +10,30 @@ import numpy as np
 import pytest
 import torch
 
+from cxrnn.inference.engines import OnnxEngine, TorchEngine
 from cxrnn.inference.export import export_model
-from cxrnn.inference.graph import OnnxEngine, TorchEngine
+from cxrnn.inference.graph import OUTPUT_NAMES, InferenceModule
+from cxrnn.inference.predictor import Predictor
 from cxrnn.models.bundle import load_bundle, save_bundle
 from cxrnn.models.ood import OodStats, fit_ood_stats
-from cxrnn.inference.predictor import Predictor
+
+
+def _reference(bundle, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """The outputs computed without the inference graph: head on the backbone's map, softmax at the bundle's
+    temperature, and the gate's numpy Mahalanobis distance of the pooled map."""
+    with torch.no_grad():
+        fmap = bundle.net.backbone(x)
+        logits = bundle.net.head(fmap)
+    stats = OodStats.from_extras(bundle.extras)
+    return {"probabilities": torch.softmax(logits / bundle.temperature, dim=1).numpy(), "logits": logits.numpy(),
+            "ood_score": stats.score(fmap.mean(dim=(2, 3)).double().numpy())}
+
+
+def _assert_matches(got: dict[str, np.ndarray], want: dict[str, np.ndarray], tol: float) -> None:
+    assert set(got) == set(OUTPUT_NAMES)
+    for name in OUTPUT_NAMES:
+        assert got[name].dtype == np.float32, name
+        np.testing.assert_allclose(got[name], want[name], rtol=tol, atol=tol, err_msg=name)
 
 
 @pytest.mark.parametrize("head", ["lstm", "paper"])
@@ -23,16 +42,27 @@ def test_onnx_matches_pytorch_with_a_free_batch_axis(head, tmp_path, make_tiny_b
 
     bundle = make_tiny_bundle(head)
     path = export_model(bundle, "onnx", tmp_path / "model.onnx")
-    meta = {p.key: json.loads(p.value) for p in onnx.load(str(path)).metadata_props}
-    assert meta["classes"] == bundle.classes and meta["ood_threshold"] > 0
-    onnx_engine, torch_engine = OnnxEngine(path), TorchEngine(bundle)
+    assert sorted(tmp_path.iterdir()) == [path]  # written through a temp file that is gone
+    model = onnx.load(str(path))
+    meta = {p.key: json.loads(p.value) for p in model.metadata_props}
+    assert meta["classes"] == bundle.classes
+    assert meta["preprocessing"] == bundle.preprocessing.to_dict()
+    assert (meta["backbone"], meta["head"], meta["temperature"]) == (bundle.backbone_name, head, 1.5)
+    assert meta["ood_threshold"] == pytest.approx(OodStats.from_extras(bundle.extras).threshold)
+    assert [i.name for i in model.graph.input] == ["image"]
+    assert [o.name for o in model.graph.output] == list(OUTPUT_NAMES)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
     size = bundle.preprocessing.input_size
-    for batch in (1, 5):  # the export used batch 2
-        x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+    xs = [torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(batch)) for batch in (1, 5)]
+    wanted = [_reference(bundle, x) for x in xs]  # before the torch engine re-lays the weights out
+    onnx_engine, torch_engine = OnnxEngine(path, OUTPUT_NAMES), TorchEngine(InferenceModule(bundle), OUTPUT_NAMES)
+    assert (onnx_engine.name, torch_engine.name) == ("onnx", "torch")
+    for x, want in zip(xs, wanted):  # the export used batch 2
         ours, theirs = torch_engine(x), onnx_engine(x)
-        assert theirs["probabilities"].shape == (batch, 3)
-        np.testing.assert_allclose(theirs["probabilities"], ours["probabilities"], atol=1e-4, rtol=0)
-        np.testing.assert_allclose(theirs["ood_score"], ours["ood_score"], rtol=1e-4, atol=1e-4)
+        assert theirs["probabilities"].shape == (len(x), 3) and theirs["ood_score"].shape == (len(x),)
+        _assert_matches(ours, want, 1e-5)
+        _assert_matches(theirs, ours, 1e-4)
         assert ours["probabilities"].std() > 1e-4  # a constant output would make the comparison empty
 
 
@@ -40,19 +70,57 @@ def test_onnx_matches_pytorch_with_a_free_batch_axis(head, tmp_path, make_tiny_b
 def test_torchscript_matches_pytorch(tmp_path, make_tiny_bundle):
     bundle = make_tiny_bundle("lstm")
     path = export_model(bundle, "torchscript", tmp_path / "model.ts")
-    loaded = torch.jit.load(str(path))
+    assert sorted(tmp_path.iterdir()) == [path]
+    extra = {"classes.json": "", "temperature.json": "", "ood_threshold.json": ""}
+    loaded = torch.jit.load(str(path), _extra_files=extra)
+    assert json.loads(extra["classes.json"]) == bundle.classes and json.loads(extra["temperature.json"]) == 1.5
+    assert json.loads(extra["ood_threshold.json"]) == pytest.approx(OodStats.from_extras(bundle.extras).threshold)
     size = bundle.preprocessing.input_size
     x = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        probs, _, score = loaded(x)
-    ours = TorchEngine(bundle)(x)
-    np.testing.assert_allclose(probs.numpy(), ours["probabilities"], atol=1e-5)
-    np.testing.assert_allclose(score.numpy(), ours["ood_score"], rtol=1e-5)
+        outs = loaded(x)
+    _assert_matches({k: v.numpy() for k, v in zip(OUTPUT_NAMES, outs)}, _reference(bundle, x), 1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+def test_a_failed_export_keeps_the_previous_file_and_leaves_no_temp_file(tmp_path, make_tiny_bundle, monkeypatch):
+    import onnx
+
+    bundle = make_tiny_bundle("pool")
+    ts, onnx_path = tmp_path / "model.ts", tmp_path / "model.onnx"
+    ts.write_bytes(b"previous")
+    onnx_path.write_bytes(b"previous")
+
+    def half_save(traced, fh, **kwargs):
+        fh.write(b"half a file")
+        raise OSError("disk full")
+
+    def reject(model):
+        raise onnx.checker.ValidationError("bad graph")
+
+    monkeypatch.setattr(torch.jit, "save", half_save)
+    monkeypatch.setattr(onnx.checker, "check_model", reject)
+    with pytest.raises(OSError, match="disk full"):
+        export_model(bundle, "torchscript", ts)
+    with pytest.raises(onnx.checker.ValidationError, match="bad graph"):
+        export_model(bundle, "onnx", onnx_path)
+    assert ts.read_bytes() == onnx_path.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.ts"]
 
 
 def test_unknown_export_format_is_refused(tmp_path, make_tiny_bundle):
-    with pytest.raises(ValueError, match="onnx or torchscript|onnx, torchscript"):
+    with pytest.raises(ValueError, match="onnx, torchscript"):
         export_model(make_tiny_bundle("pool", with_ood=False), "tflite", tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_predictor_refuses_an_unknown_runtime_and_onnx_off_fp32_cpu(make_tiny_bundle):
+    bundle = make_tiny_bundle("pool")
+    with pytest.raises(ValueError, match="unknown runtime 'tensorrt': use one of torch, onnx"):
+        Predictor(bundle, runtime="tensorrt")
+    for kwargs in ({"precision": "bf16"}, {"device": "cuda"}):
+        with pytest.raises(ValueError, match="apply to the torch runtime; onnx runs fp32 on the CPU"):
+            Predictor(bundle, runtime="onnx", **kwargs)
 
 
 def test_stats_survive_a_weights_only_round_trip(tmp_path, make_tiny_bundle):
@@ -105,8 +173,11 @@ def test_trained_model_flags_a_photo_and_noise_but_not_phantom_test_images(train
 
 def test_onnx_runtime_predictor_agrees_with_torch_on_the_trained_model(trained_run):
     paths = _test_split_paths(Path(trained_run.run_dir))[:4]
-    torch_preds = Predictor.from_file(trained_run.model_path).predict_paths(paths)
-    onnx_preds = Predictor.from_file(trained_run.model_path, runtime="onnx").predict_paths(paths)
+    torch_predictor = Predictor.from_file(trained_run.model_path)
+    onnx_predictor = Predictor.from_file(trained_run.model_path, runtime="onnx")
+    assert (torch_predictor.engine.name, onnx_predictor.engine.name) == ("torch", "onnx")
+    torch_preds, onnx_preds = torch_predictor.predict_paths(paths), onnx_predictor.predict_paths(paths)
+    assert len(torch_preds) == len(onnx_preds) == 4
     for a, b in zip(torch_preds, onnx_preds):
         assert a.label == b.label
         for c in a.probabilities:

@@ -1,12 +1,15 @@
+import csv
 import json
 
+import numpy as np
 import pytest
 
 from cxrnn.data.phantom import PhantomConfig, generate_phantom
+from cxrnn.evaluation.calibration import expected_calibration_error
 from cxrnn.models.bundle import load_bundle
 from cxrnn.training.compare import compare
 from cxrnn.training.config import resolve_config
-from cxrnn.training.run import train
+from cxrnn.training import train
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,13 @@ def test_paper_folds_and_leave_one_source_out(tiny, cache_dir, tmp_path):
     test_n = m["split"]["test"]
     assert all(r["n_train"] + r["n_val"] == 30 - test_n for r in m["folds"])  # folds only from the non-test part
     assert m["ci"]["accuracy"]["low"] <= m["accuracy"] <= m["ci"]["accuracy"]["high"]
-    assert 0 <= m["ece"] <= 1 and "ece_before" in m["calibration"]
+    # the stored ECE is that of the calibrated test probabilities the run wrote out (6 decimals there)
+    with open(result.run_dir / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    probs = np.array([[float(r[f"p_{c}"]) for c in m["classes"]] for r in rows])
+    truth = np.array([m["classes"].index(r["label"]) for r in rows])
+    assert expected_calibration_error(probs, truth) == pytest.approx(m["ece"], abs=1e-4)
+    assert m["calibration"]["ece_after"] == pytest.approx(m["ece"])
     assert load_bundle(result.model_path).temperature == pytest.approx(m["calibration"]["temperature"])
     loso = m["leave_one_source_out"]
     assert set(loso["sources"]) == {"hospital_0", "hospital_1"}
@@ -51,10 +60,8 @@ def test_compare_trains_every_pair_on_one_split(tiny, cache_dir, tmp_path):
 
 
 def test_finetune_split_keeps_shifted_copies_with_their_originals(tmp_path):
-    import csv
     import shutil
 
-    import numpy as np
     from PIL import Image
 
     src = tmp_path / "src"

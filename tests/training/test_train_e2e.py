@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from cxrnn.cli import app
 from cxrnn.models.bundle import load_bundle
 from cxrnn.training.config import TrainConfig
-from cxrnn.training.run import train
+from cxrnn.training import train
 
 runner = CliRunner()
 PHANTOM_PER_CLASS = 40  # tests/conftest.py's phantom_dir

@@ -8,6 +8,7 @@ without looking at the lungs: a shortcut a CNN will happily take.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,10 +33,7 @@ class ImageMeta:
     format: str
     file_bytes: int
     stats: dict[str, float] = field(default_factory=dict)
-
-    def to_row(self) -> dict[str, Any]:
-        return {"path": self.path, "width": self.width, "height": self.height, "bit_depth": self.bit_depth,
-                "mode": self.mode, "format": self.format, "file_bytes": self.file_bytes, **self.stats}
+    sha256: str = ""  # of the file's bytes: the key of every cache, so nothing else reads the file for it
 
 
 def _header(data: bytes, fmt: str) -> tuple[str, int]:
@@ -79,22 +77,29 @@ def region_stats(image: np.ndarray) -> dict[str, float]:
     return stats
 
 
-def read_metadata(paths: Sequence[str | Path], progress: Callable[[int, int], None] | None = None
+def read_metadata(paths: Sequence[str | Path], progress: Callable[[int, int], None] | None = None,
+                  on_image: Callable[[np.ndarray, str], None] | None = None
                   ) -> tuple[list[ImageMeta | None], list[str]]:
-    """Metadata per path (None plus one 'PATH: reason' error for a file that cannot be read)."""
+    """Metadata per path (None plus one 'PATH: reason' error for a file that cannot be read).
+
+    ``on_image(image, sha256)`` sees every decoded image while it is in memory, so that a command that
+    needs the pixels for something else too (the audit's duplicate hashes) does not decode them again."""
     out: list[ImageMeta | None] = []
     errors: list[str] = []
     for k, p in enumerate(paths):
         try:
             data = Path(p).read_bytes()
+            sha256 = hashlib.sha256(data).hexdigest()
             fmt = sniff_format(data) or "unknown"
             image = read_image(data, name=str(p))
+            if on_image is not None:
+                on_image(image, sha256)
             try:
                 mode, bits = _header(data, fmt)
             except Exception:  # the pixels decoded, so an odd header only loses two columns
                 mode, bits = "unknown", 0
             out.append(ImageMeta(str(p), image.shape[1], image.shape[0], bits, mode, fmt, len(data),
-                                 region_stats(image)))
+                                 region_stats(image), sha256))
         except (ImageReadError, OSError) as exc:
             errors.append(str(as_read_error(p, exc)))
             out.append(None)

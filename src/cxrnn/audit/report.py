@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from cxrnn.audit.duplicates import DEFAULT_ALIGN_THRESHOLD, DEFAULT_THRESHOLD, HashCache, find_duplicates
+from cxrnn.audit.duplicates import DEFAULT_ALIGN_THRESHOLD, DEFAULT_THRESHOLD, find_duplicates
+from cxrnn.audit.hash_cache import HashCache
 from cxrnn.audit.metadata import metadata_shortcut, read_metadata
+from cxrnn.audit.phash import hash_image
 from cxrnn.data.dataset import load_dataset
 
 # skill = (accuracy - chance) / (1 - chance): 0 at chance, 1 when perfect.
@@ -75,11 +77,19 @@ def run_audit(data: str | Path, out: str | Path | None = None, model: str | Path
                                       for src in sorted(set(sources))}
 
     log("reading metadata")
-    metas, meta_errors = read_metadata(paths, progress=(lambda d, t: progress("metadata", d, t)) if progress else None)
+    cache = HashCache(cache_dir)
+
+    def hash_uncached(image: np.ndarray, sha256: str) -> None:
+        # The metadata pass decodes every image anyway: hash it there instead of decoding it twice.
+        if cache.get(sha256) is None:
+            cache.put(hash_image(image, sha256))
+
+    metas, meta_errors = read_metadata(paths, progress=(lambda d, t: progress("metadata", d, t)) if progress else None,
+                                       on_image=hash_uncached)
     log("hashing images")
-    dups = find_duplicates(paths, threshold, HashCache(cache_dir),
+    dups = find_duplicates(paths, threshold, cache,
                            progress=(lambda d, t: progress("hashing", d, t)) if progress else None,
-                           align_threshold=align_threshold)
+                           align_threshold=align_threshold, digests=[m.sha256 if m else None for m in metas])
     errors = sorted(set(meta_errors) | set(dups.errors))
     ok = [i for i, m in enumerate(metas) if m is not None]
 
@@ -142,6 +152,7 @@ def run_audit(data: str | Path, out: str | Path | None = None, model: str | Path
     model_results: dict[str, Any] = {}
     if model is not None:
         from cxrnn.audit import shortcut
+        from cxrnn.explain.counterfactual import lesion_removed_test
         from cxrnn.models.bundle import load_bundle
 
         bundle = load_bundle(model)
@@ -155,7 +166,7 @@ def run_audit(data: str | Path, out: str | Path | None = None, model: str | Path
                 f"frozen features predict the source with accuracy {probe['accuracy']:.3f} "
                 f"(chance {probe['chance']:.3f}): {'they encode the hospital' if probe['skill'] >= SOURCE_PROBE_WARN_SKILL else 'weak source signal'}")
         if model_dataset is not None:
-            removed = shortcut.lesion_removed_test(bundle, model_dataset, seed=seed)
+            removed = lesion_removed_test(bundle, model_dataset, seed=seed)
             if removed is not None:
                 model_results["lesion_removed"] = removed
                 rate = removed["still_abnormal_rate"]

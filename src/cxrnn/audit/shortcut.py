@@ -1,14 +1,14 @@
 """Model-based shortcut checks: does the model (or its frozen features) use something other than the lungs?
 
 - source probe: the frozen features, pooled, trained to predict the *source* instead of the label;
-- lesion removed (phantom only): abnormal cases re-rendered without their lesion — a model that still
-  calls them covid/pneumonia is reading something else;
 - marker energy (phantom with a burned-in marker): the share of Grad-CAM energy inside the marker box.
+
+The third, lesion removed (abnormal phantom cases re-rendered without their lesion), is
+``cxrnn.explain.counterfactual.lesion_removed_test``: the explanation evaluation reports it too.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,6 @@ import numpy as np
 
 from cxrnn.data.dataset import Dataset
 from cxrnn.models.bundle import ModelBundle
-
-ABNORMAL = ("covid", "pneumonia")
 
 
 def source_probe(bundle: ModelBundle, dataset: Dataset, cache_dir: str | Path | None = None,
@@ -50,71 +48,20 @@ def source_probe(bundle: ModelBundle, dataset: Dataset, cache_dir: str | Path | 
             "sources": names, "n": int(len(y)), "folds": folds}
 
 
-def _phantom_cases(dataset: Dataset):
-    """(PhantomConfig, [(sample, case_seed, source_index)]) when ``dataset`` is a cxrnn phantom, else None."""
-    from cxrnn.data.phantom import load_phantom_config
-
-    meta = Path(dataset.root) / "phantom.json"
-    if not meta.is_file() or any("case_seed" not in s.extra for s in dataset.samples):
-        return None
-    cfg = load_phantom_config(meta)
-    rows = []
-    for s in dataset.samples:
-        m = re.search(r"(\d+)$", s.source or "0")
-        rows.append((s, int(s.extra["case_seed"]), int(m.group(1)) if m else 0))
-    return cfg, rows
-
-
-def lesion_removed_test(bundle: ModelBundle, dataset: Dataset, max_cases: int = 60, seed: int = 0
-                        ) -> dict[str, Any] | None:
-    """Share of lesion-free re-renders of abnormal phantom cases the model still calls abnormal."""
-    from cxrnn.data.io import read_image
-    from cxrnn.data.phantom import render_case
-    from cxrnn.inference.predictor import Predictor
-
-    found = _phantom_cases(dataset)
-    abnormal = [c for c in bundle.classes if c in ABNORMAL]
-    if found is None or not abnormal or "normal" not in bundle.classes:
-        return None
-    cfg, rows = found
-    rng = np.random.default_rng(seed)
-    sick = [r for r in rows if r[0].label in ABNORMAL]
-    well = [r for r in rows if r[0].label == "normal"]
-    if not sick:
-        return None
-    sick = [sick[i] for i in rng.permutation(len(sick))[:max_cases]]
-    well = [well[i] for i in rng.permutation(len(well))[:max_cases]]
-    predictor = Predictor(bundle)
-    normal_idx = bundle.classes.index("normal")
-    erased = [render_case(seed_, s.label, cfg, source=src, lesion=False).image for s, seed_, src in sick]
-    with_lesion = [read_image(s.path) for s, _, _ in sick]
-    p_erased = predictor.predict_arrays(erased)
-    p_lesion = predictor.predict_arrays(with_lesion)
-    p_normal = predictor.predict_arrays([read_image(s.path) for s, _, _ in well]) if well else np.zeros((0, 1))
-    still = float((p_erased.argmax(1) != normal_idx).mean())
-    return {
-        "n_cases": len(sick),
-        "still_abnormal_rate": still,
-        "abnormal_rate_with_lesion": float((p_lesion.argmax(1) != normal_idx).mean()),
-        "abnormal_rate_on_true_normals": float((p_normal.argmax(1) != normal_idx).mean()) if len(well) else None,
-        "mean_p_normal_after_erasing": float(p_erased[:, normal_idx].mean()),
-    }
-
-
 def marker_energy(bundle: ModelBundle, dataset: Dataset, max_cases: int = 24, seed: int = 0) -> dict[str, Any] | None:
     """Share of Grad-CAM energy (predicted class) inside the phantom's burned-in marker box."""
     import torch
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from cxrnn.data.phantom import render_case
+    from cxrnn.data.phantom import phantom_cases, render_case
     from cxrnn.models.preprocess import to_input_tensor
 
-    found = _phantom_cases(dataset)
+    found = phantom_cases(dataset)
     if found is None:
         return None
     cfg, rows = found
-    marked = [r for r in rows if r[0].extra.get("marker") == "1"]
+    marked = [r for r in rows if r.sample.extra.get("marker") == "1"]
     if not marked:
         return None
     rng = np.random.default_rng(seed)

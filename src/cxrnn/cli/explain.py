@@ -1,47 +1,23 @@
-"""Explanation commands: explain (maps on the X-rays) and explain-eval (maps against lesion masks)."""
+"""Explanation commands: ``cxrnn explain`` (maps on the X-rays) and ``cxrnn explain-eval`` (maps against lesion masks)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.table import Table
 
-from cxrnn.cli.common import app, console, fail, out_console, progress_bars, warn
+from cxrnn.cli.common import app, console, fail, fmt, out_console, progress_bars, warn
 
 METHOD_HELP = "gradcam (default), gradcam++, xgradcam, eigencam (class-agnostic) or scorecam (slow: one pass per channel)."
 LAYER_HELP = "Backbone module for the map (dotted path in the timm model); default: the registry's layer."
 
 
-def write_cam_dir(model_or_bundle, files: list, out_dir: Path, method: str = "gradcam", target: Optional[str] = None,
-                  layer: Optional[str] = None, batch_size: int = 8, alpha: float = 0.4, colormap: str = "jet",
-                  quiet: bool = False) -> dict:
-    """Shared by ``explain`` and ``predict --cam``: write the maps; per-image lines unless ``quiet``."""
-    from cxrnn.explain.folder import explain_to_dir
-    from cxrnn.models.bundle import ModelBundle, load_bundle
-
-    def report(exp, written) -> None:
-        if quiet:
-            return
-        if exp.error is not None:
-            warn(f"skipped {exp.error}")
-        elif not quiet:
-            probs = "  ".join(f"{c} {v:.3f}" for c, v in exp.probabilities.items())
-            out_console.print(f"{exp.path}: [bold]{exp.label}[/bold]  ({probs})  map of '{exp.target}' -> "
-                              f"{Path(written['panel']).name}", highlight=False)
-
-    try:
-        bundle = model_or_bundle if isinstance(model_or_bundle, ModelBundle) else load_bundle(model_or_bundle)
-        with progress_bars() as bars:
-            index = explain_to_dir(bundle, files, out_dir, method=method, target=target, layer=layer,
-                                   batch_size=batch_size, alpha=alpha, colormap=colormap,
-                                   progress=lambda d, t: bars("explain", d, t), on_result=report)
-    except (ValueError, FileNotFoundError) as exc:
-        fail(str(exc))
-    console.print(f"maps of {index['n']} image(s) ({index['method']}, layer {index['layer']}) in {out_dir}"
-                  + (f"; {index['errors']} file(s) could not be read" if index["errors"] else ""), highlight=False)
-    return index
+def maps_summary(index: dict[str, Any], out_dir: Path) -> str:
+    """The closing line of ``explain`` and ``predict --cam``: what was written where."""
+    return (f"maps of {index['n']} image(s) ({index['method']}, layer {index['layer']}) in {out_dir}"
+            + (f"; {index['errors']} file(s) could not be read" if index["errors"] else ""))
 
 
 @app.command()
@@ -58,12 +34,31 @@ def explain(
 ) -> None:
     """Grad-CAM maps through the whole CNN->RNN, drawn on each X-ray at its own size."""
     from cxrnn.data.dataset import list_image_files
+    from cxrnn.explain.cam import Explanation
+    from cxrnn.explain.folder import explain_to_dir
+    from cxrnn.models.bundle import load_bundle
 
     files = list_image_files(paths)
     if not files:
         fail("no image files found in " + ", ".join(map(str, paths)))
-    write_cam_dir(model, files, out, method=method, target=target, layer=layer, batch_size=batch_size,
-                  alpha=alpha, colormap=colormap)
+
+    def report(exp: Explanation, written: dict[str, str]) -> None:
+        if exp.error is not None:
+            warn(f"skipped {exp.error}")
+        else:
+            probs = "  ".join(f"{c} {v:.3f}" for c, v in exp.probabilities.items())
+            out_console.print(f"{exp.path}: [bold]{exp.label}[/bold]  ({probs})  map of '{exp.target}' -> "
+                              f"{Path(written['panel']).name}", highlight=False)
+
+    try:
+        bundle = load_bundle(model)
+        with progress_bars() as bars:
+            index = explain_to_dir(bundle, files, out, method=method, target=target, layer=layer,
+                                   batch_size=batch_size, alpha=alpha, colormap=colormap,
+                                   progress=lambda d, t: bars("explain", d, t), on_result=report)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    console.print(maps_summary(index, out), highlight=False)
 
 
 @app.command("explain-eval")
@@ -89,7 +84,6 @@ def explain_eval(
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     path = write_explain_eval(result, out or model.parent / "explain_eval.json")
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     table = Table(title=f"{method} at {result['layer']} on {data} (hit: map maximum within "
                         f"{result['tolerance']:.0%} of the width of the lesion)")
     for col in ("class", "n", "hit rate", "chance", "energy in lesion", "lesion area", "energy in lungs",

@@ -1,4 +1,4 @@
-"""``cxrnn serve`` (HTTP API + web page) and ``cxrnn export`` (ONNX / TorchScript)."""
+"""``cxrnn serve``: the HTTP API and web page over one model file."""
 
 from __future__ import annotations
 
@@ -35,19 +35,3 @@ def serve(
     out_console.print(f"serving {api.state.service.bundle.describe()} on http://{host}:{port}/ "
                       f"(runtime {runtime}; research use only, not a medical device)", highlight=False)
     uvicorn.run(api, host=host, port=port, log_level="info")
-
-
-@app.command()
-def export(
-    model: Path = typer.Argument(..., help="model.pt of a run."),
-    format: str = typer.Option("onnx", "--format", help="onnx or torchscript."),
-    out: Path = typer.Option(..., help="Output file (e.g. model.onnx)."),
-) -> None:
-    """Export the inference graph (probabilities, logits, OOD score) with a free batch axis."""
-    from cxrnn.inference.export import export_model
-
-    try:
-        path = export_model(model, format, out)
-    except (ValueError, FileNotFoundError) as exc:
-        fail(str(exc))
-    out_console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

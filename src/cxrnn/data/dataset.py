@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from cxrnn.data.io import ImageReadError, is_image_file, read_image
+from cxrnn.data.io import is_image_file
 
 __all__ = [
     "Sample",
@@ -21,7 +20,6 @@ __all__ = [
     "MANIFEST_NAME",
     "load_dataset",
     "list_image_files",
-    "read_images_safely",
 ]
 
 MANIFEST_NAME = "manifest.csv"
@@ -257,32 +255,3 @@ def list_image_files(paths: Iterable[str | Path]) -> list[Path]:
         else:
             found.add(p)
     return sorted(found)
-
-
-def _stderr_warn(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
-def read_images_safely(
-    paths: Iterable[str | Path],
-    strict: bool = False,
-    warn: Callable[[str], None] | None = None,
-) -> tuple[list[tuple[Path, np.ndarray]], list[ImageReadError]]:
-    """Read every path, collecting unreadable ones instead of stopping.
-
-    Each skipped file produces one ``"skipped PATH: reason"`` line via ``warn``
-    (stderr by default); ``strict=True`` raises the first error instead.
-    """
-    say = warn if warn is not None else _stderr_warn
-    images: list[tuple[Path, np.ndarray]] = []
-    errors: list[ImageReadError] = []
-    for item in paths:
-        p = Path(item)
-        try:
-            images.append((p, read_image(p)))
-        except ImageReadError as err:
-            if strict:
-                raise
-            errors.append(err)
-            say(f"skipped {err.path}: {err.reason}")
-    return images, errors

@@ -4,6 +4,10 @@ Every image, whatever its container, comes out as a float32 ``H x W`` grey array
 in ``[0, 1]`` where bright means dense (bone), so the rest of the tool never has
 to care about file formats. Bad input raises :class:`ImageReadError` with a
 one-line reason instead of whatever PIL or pydicom happened to throw.
+
+The container is sniffed from the content, never the file name; PIL formats are
+decoded here, DICOM in :mod:`cxrnn.data.dicom`, and the errors and size limits
+every decoder shares are in :mod:`cxrnn.data.errors`.
 """
 
 from __future__ import annotations
@@ -16,22 +20,35 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from cxrnn.data.dicom import DICOM_MAGIC_OFFSET, has_dicom_preamble, read_dicom
+from cxrnn.data.errors import (
+    MAX_PIXELS,
+    MIN_SIDE,
+    ImageReadError,
+    as_read_error,
+    check_size,
+    minmax_unit,
+    one_line,
+    os_error_reason,
+)
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "MIN_SIDE",
     "MAX_PIXELS",
     "ImageReadError",
+    "as_read_error",
+    "os_error_reason",
     "read_image",
     "is_image_file",
     "sniff_format",
+    "to_uint8",
     "reference_radiograph",
 ]
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
 )
-MIN_SIDE = 32
-MAX_PIXELS = 100_000_000
 
 # Name of the PIL plugin to try for each sniffed format; restricting Image.open
 # to it means the content decides the decoder, never the file name.
@@ -44,22 +61,6 @@ _PIL_FORMATS = {
     "webp": "WEBP",
 }
 
-_DICOM_MAGIC_OFFSET = 128
-
-
-class ImageReadError(ValueError):
-    """An image could not be turned into a grey array; ``str()`` is one line."""
-
-    def __init__(self, path: str | Path, reason: str) -> None:
-        self.path = Path(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
-
-    def __reduce__(self) -> tuple[type[ImageReadError], tuple[Path, str]]:
-        # Default exception pickling replays args=(message,), which does not fit
-        # this two-argument constructor; DataLoader workers need pickling.
-        return (type(self), (self.path, self.reason))
-
 
 def sniff_format(data: bytes) -> str | None:
     """Identify an image container from its leading bytes, or None."""
@@ -67,7 +68,7 @@ def sniff_format(data: bytes) -> str | None:
     # DICOM first: the 128-byte preamble is free-form and some modalities put
     # a TIFF header there (pydicom-data's RG1_UNCR.dcm starts with "II*\0"),
     # so a file can carry both signatures and the DICOM one is authoritative.
-    if head[_DICOM_MAGIC_OFFSET:_DICOM_MAGIC_OFFSET + 4] == b"DICM":
+    if has_dicom_preamble(head):
         return "dicom"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
@@ -117,10 +118,10 @@ def is_image_file(path: Path) -> bool:
         return False
     try:
         with path.open("rb") as fh:
-            head = fh.read(_DICOM_MAGIC_OFFSET + 4)
+            head = fh.read(DICOM_MAGIC_OFFSET + 4)
     except OSError:
         return False
-    return head[_DICOM_MAGIC_OFFSET:] == b"DICM"
+    return has_dicom_preamble(head)
 
 
 def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
@@ -143,7 +144,7 @@ def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarra
     if fmt is None:
         raise ImageReadError(label, "not an image (unrecognised content)")
     if fmt == "dicom":
-        img = _read_dicom(data, label)
+        img = read_dicom(data, label)
     else:
         img = _read_pil(data, fmt, label)
     return np.ascontiguousarray(img, dtype=np.float32)
@@ -156,54 +157,10 @@ def _read_bytes(path: Path, label: Path) -> bytes:
         raise ImageReadError(label, os_error_reason(exc, path)) from None
 
 
-def os_error_reason(exc: OSError, path: Path | None = None) -> str:
-    """One-line reason for an OSError met while reading an image file."""
-    if isinstance(exc, FileNotFoundError):
-        return "file not found"
-    # Windows reports directories as PermissionError, so check the path too.
-    if isinstance(exc, IsADirectoryError) or (isinstance(exc, PermissionError) and path is not None and path.is_dir()):
-        return "is a directory, not an image file"
-    if isinstance(exc, PermissionError):
-        return "cannot read file (permission denied)"
-    return f"cannot read file ({_one_line(exc)})"
-
-
-def as_read_error(path: str | Path, exc: ImageReadError | OSError) -> ImageReadError:
-    """Either way reading an image file fails, as one ImageReadError ('PATH: reason')."""
-    if isinstance(exc, ImageReadError):
-        return exc
-    return ImageReadError(Path(path), os_error_reason(exc, Path(path)))
-
-
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _check_size(label: Path, width: int, height: int) -> None:
-    # Checked from the header, before decoding, so a decompression bomb never
-    # gets to allocate its pixels.
-    if width * height > MAX_PIXELS:
-        raise ImageReadError(
-            label,
-            f"image too large ({width}x{height} px = {width * height:,} pixels, "
-            f"maximum {MAX_PIXELS:,})",
-        )
-    if width < MIN_SIDE or height < MIN_SIDE:
-        raise ImageReadError(
-            label, f"image too small ({width}x{height} px, minimum {MIN_SIDE})"
-        )
-
-
-def _minmax(arr: np.ndarray, label: Path) -> np.ndarray:
-    arr = np.asarray(arr, dtype=np.float32)
-    lo = float(arr.min())
-    hi = float(arr.max())
-    if not hi > lo:
-        raise ImageReadError(label, "blank image (constant pixel value)")
-    out = arr - lo
-    out *= 1.0 / (hi - lo)
-    return out
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A grey [0, 1] image as 8-bit grey (rounded; values outside [0, 1] clipped): the inverse of
+    reading an 8-bit file, for writing PNGs and hashing pixels."""
+    return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------- PIL
@@ -224,11 +181,11 @@ def _read_pil(data: bytes, fmt: str, label: Path) -> np.ndarray:
             raise ImageReadError(label, "truncated or corrupt image data") from None
         except Exception as exc:  # PIL raises many types on malformed headers
             raise ImageReadError(
-                label, f"truncated or corrupt image data ({_one_line(exc)})"
+                label, f"truncated or corrupt image data ({one_line(exc)})"
             ) from None
 
     width, height = im.size
-    _check_size(label, width, height)
+    check_size(label, width, height)
 
     saved = ImageFile.LOAD_TRUNCATED_IMAGES
     # PIL otherwise happily returns half-grey images for cut-off files; a
@@ -262,7 +219,7 @@ def _pil_to_grey(im: Image.Image, label: Path) -> np.ndarray:
         bits = _integer_bits(im)
         if bits is not None and arr.min() >= 0:
             return arr.astype(np.float32) * (1.0 / float(2**bits - 1))
-        return _minmax(arr, label)
+        return minmax_unit(arr, label)
     if mode == "F":
         arr = np.asarray(im, dtype=np.float32)
         if not np.isfinite(arr).all():
@@ -271,7 +228,7 @@ def _pil_to_grey(im: Image.Image, label: Path) -> np.ndarray:
         # only stretch data that uses some other scale.
         if arr.min() >= 0.0 and arr.max() <= 1.0:
             return arr.copy()
-        return _minmax(arr, label)
+        return minmax_unit(arr, label)
     if mode != "L":
         with warnings.catch_warnings():
             # Palette transparency warnings are irrelevant: alpha is dropped.
@@ -298,215 +255,6 @@ def _integer_bits(im: Image.Image) -> int | None:
         if isinstance(bits, int) and 1 <= bits <= 16:
             return bits
     return None
-
-
-# ------------------------------------------------------------------- DICOM
-
-
-def _read_dicom(data: bytes, label: Path) -> np.ndarray:
-    import pydicom
-    from pydicom.pixels import apply_modality_lut
-
-    has_preamble = data[_DICOM_MAGIC_OFFSET:_DICOM_MAGIC_OFFSET + 4] == b"DICM"
-    try:
-        with warnings.catch_warnings():
-            # pydicom warns about every oddity it tolerates; the caller gets
-            # either an image or one ImageReadError, not a stream of warnings.
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
-    except Exception as exc:
-        raise ImageReadError(label, f"unreadable DICOM ({_one_line(exc)})") from None
-
-    _ensure_transfer_syntax(ds)
-    try:
-        if "PixelData" not in ds:
-            raise ImageReadError(label, "unreadable DICOM (no pixel data)")
-        rows = int(ds.Rows)
-        cols = int(ds.Columns)
-        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    except ImageReadError:
-        raise
-    except Exception as exc:  # missing Rows/Columns or unparsable header values
-        raise ImageReadError(label, f"unreadable DICOM ({_one_line(exc)})") from None
-
-    _check_size(label, cols, rows)
-
-    try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        if frames > 1:
-            # Decode only the first frame instead of the whole cine loop.
-            ds.pixel_array_options(index=0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            arr = ds.pixel_array
-    except Exception as exc:
-        raise ImageReadError(
-            label, f"unreadable DICOM (cannot decode pixel data: {_one_line(exc)})"
-        ) from None
-    if frames > 1 and arr.ndim >= 3 and arr.shape[0] == frames:
-        arr = arr[0]  # a decoder that ignored the frame index
-
-    if arr.ndim == 3:
-        return _dicom_colour_to_grey(arr, ds, photometric, label)
-    if arr.ndim != 2:
-        raise ImageReadError(label, f"unreadable DICOM (unexpected pixel shape {arr.shape})")
-    if arr.size == 0 or arr.min() == arr.max():
-        raise ImageReadError(label, "blank image (constant pixel value)")
-
-    try:
-        values = apply_modality_lut(arr, ds)
-    except Exception:
-        values = arr  # a broken rescale is better ignored than fatal
-    img = _apply_voi_normalised(values, ds, label)
-    if img is None:
-        img = _minmax(values, label)
-    if photometric == "MONOCHROME1":
-        # MONOCHROME1 stores bone dark; the model expects bone bright.
-        np.subtract(1.0, img, out=img)
-    return img
-
-
-def _ensure_transfer_syntax(ds) -> None:
-    # Old files without a file meta header carry no Transfer Syntax UID, and
-    # pydicom then refuses to decode; the encoding it detected while parsing
-    # is uncompressed by definition, so name that syntax explicitly.
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
-    meta = getattr(ds, "file_meta", None)
-    if meta is not None and "TransferSyntaxUID" in meta:
-        return
-    implicit, little = getattr(ds, "original_encoding", (None, None))
-    if implicit is None or little is None:
-        return
-    if implicit:
-        uid = ImplicitVRLittleEndian
-    else:
-        uid = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
-    if meta is None:
-        ds.file_meta = meta = FileMetaDataset()
-    meta.TransferSyntaxUID = uid
-
-
-def _apply_voi_normalised(values: np.ndarray, ds, label: Path) -> np.ndarray | None:
-    """Apply the file's VOI (LUT or window) and scale its output range to [0, 1].
-
-    Returns None when there is no usable VOI, so the caller falls back to the
-    data's own min-max.
-    """
-    from pydicom.pixels import apply_voi, apply_voi_lut
-
-    seq = ds.get("VOILUTSequence")
-    has_lut = bool(seq) and None not in (
-        seq[0].get("LUTDescriptor"),
-        seq[0].get("LUTData"),
-    )
-    has_window = None not in (ds.get("WindowCenter"), ds.get("WindowWidth"))
-    if not (has_lut or has_window):
-        return None
-
-    try:
-        if has_lut:
-            # apply_voi_lut prefers the LUT over the window when both exist;
-            # the LUT's own entries define its output range.
-            if not np.issubdtype(values.dtype, np.integer):
-                values = np.rint(values).astype(np.int64)
-            out = apply_voi_lut(values, ds)
-            first, count = _lut_span(seq[0])
-            entries = apply_voi(np.arange(first, first + count), ds)
-            lo, hi = float(entries.min()), float(entries.max())
-        else:
-            window = _window_normalised(values, ds)
-            if window is not None:
-                return window if window.min() != window.max() else None
-            out = apply_voi_lut(values, ds)
-            lo, hi = _window_output_range(ds)
-    except Exception:
-        return None  # malformed window/LUT values: use min-max instead
-
-    if not hi > lo:
-        return None
-    img = np.asarray(out, dtype=np.float32)
-    img -= lo
-    img *= 1.0 / (hi - lo)
-    np.clip(img, 0.0, 1.0, out=img)
-    if img.min() == img.max():
-        # The window misses the data entirely (everything clipped to one end);
-        # showing the data min-max is more useful than a blank image.
-        return None
-    return img
-
-
-def _window_normalised(values: np.ndarray, ds) -> np.ndarray | None:
-    """The first VOI window, already scaled to [0, 1], in float32: the same numbers as pydicom's
-    apply_windowing followed by the output-range scaling below, but about 10x faster (pydicom works in
-    float64 with boolean masks; a 2k x 2k radiograph took 51 ms there). None for a VOI function or
-    width this does not cover: the caller then uses pydicom."""
-    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
-    center, width = _first_value(ds.WindowCenter), _first_value(ds.WindowWidth)
-    if function == "LINEAR" and width > 1:
-        center, width = center - 0.5, width - 1.0  # PS3.3 C.11.2.1.2.1
-    elif function not in ("LINEAR_EXACT", "SIGMOID") or width <= 0:
-        return None
-    img = np.subtract(np.asarray(values, dtype=np.float32), np.float32(center))
-    if function == "SIGMOID":  # 1 / (1 + exp(-4 (x - c) / w))
-        img *= np.float32(-4.0 / width)
-        np.exp(img, out=img)
-        img += 1.0
-        return np.reciprocal(img, out=img)
-    img *= np.float32(1.0 / width)
-    img += 0.5
-    return np.clip(img, 0.0, 1.0, out=img)
-
-
-def _first_value(value) -> float:
-    """A DICOM multi-valued window (several alternative views) means its first view, as in pydicom."""
-    from pydicom.multival import MultiValue
-
-    return float(value[0]) if isinstance(value, (MultiValue, list, tuple)) else float(value)
-
-
-def _lut_span(item) -> tuple[int, int]:
-    desc = [int(v) for v in item.LUTDescriptor]
-    count = desc[0] or 2**16
-    return desc[1], count
-
-
-def _window_output_range(ds) -> tuple[float, float]:
-    # Mirrors pydicom.pixels.apply_windowing, which maps the window onto the
-    # full range of the (rescaled) stored values rather than onto [0, 1].
-    bits_stored = int(ds.BitsStored)
-    if ds.get("ModalityLUTSequence"):
-        y_min, y_max = 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
-    elif int(ds.PixelRepresentation) == 0:
-        y_min, y_max = 0.0, float(2**bits_stored - 1)
-    else:
-        y_min, y_max = float(-(2 ** (bits_stored - 1))), float(2 ** (bits_stored - 1) - 1)
-    slope = ds.get("RescaleSlope")
-    intercept = ds.get("RescaleIntercept")
-    if slope is not None and intercept is not None:
-        y_min = y_min * float(slope) + float(intercept)
-        y_max = y_max * float(slope) + float(intercept)
-    return min(y_min, y_max), max(y_min, y_max)
-
-
-def _dicom_colour_to_grey(arr: np.ndarray, ds, photometric: str, label: Path) -> np.ndarray:
-    from pydicom.pixels import apply_color_lut
-
-    if arr.shape[-1] != 3:
-        raise ImageReadError(label, f"unreadable DICOM (unexpected pixel shape {arr.shape})")
-    if photometric == "PALETTE COLOR":
-        arr = apply_color_lut(arr, ds)
-    # pydicom already converts YBR to RGB; ITU-R 601 luma as for PIL images.
-    grey = arr.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    if np.issubdtype(arr.dtype, np.integer):
-        bits = int(ds.get("BitsStored", arr.dtype.itemsize * 8))
-        if photometric == "PALETTE COLOR":
-            bits = arr.dtype.itemsize * 8
-        if grey.min() == grey.max():
-            raise ImageReadError(label, "blank image (constant pixel value)")
-        return np.clip(grey * (1.0 / float(2**bits - 1)), 0.0, 1.0)
-    return _minmax(grey, label)
 
 
 # --------------------------------------------------------- reference data

@@ -17,19 +17,22 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import json
 import math
 import multiprocessing as mp
-import json
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from cxrnn.data.dataset import Dataset, Sample
+from cxrnn.data.io import to_uint8
 from cxrnn.utils.atomic import atomic_write_bytes
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     "case_seed_for",
     "generate_phantom",
     "load_phantom_config",
+    "phantom_cases",
     "render_case",
 ]
 
@@ -568,10 +572,6 @@ def _png_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _to_u8(img: np.ndarray) -> np.ndarray:
-    return np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
-
-
 def load_phantom_config(path: str | Path) -> PhantomConfig:
     """Read the PhantomConfig back from a phantom.json (or the folder holding it)."""
     p = Path(path)
@@ -580,6 +580,27 @@ def load_phantom_config(path: str | Path) -> PhantomConfig:
     meta = json.loads(p.read_text())
     names = {f.name for f in fields(PhantomConfig)}
     return PhantomConfig(**{k: v for k, v in meta.items() if k in names})
+
+
+class PhantomSample(NamedTuple):
+    """A sample of a loaded phantom with what it takes to render it again (``render_case``)."""
+
+    sample: Sample
+    case_seed: int
+    source: int  # the hospital index behind the manifest's "hospital_K"
+
+
+def phantom_cases(dataset: Dataset) -> tuple[PhantomConfig, list[PhantomSample]] | None:
+    """The phantom's config and every sample's rendering inputs when ``dataset`` is a cxrnn phantom (its
+    folder holds phantom.json and every row a case_seed), else None."""
+    meta = Path(dataset.root) / "phantom.json"
+    if not meta.is_file() or any("case_seed" not in s.extra for s in dataset.samples):
+        return None
+    rows = []
+    for s in dataset.samples:
+        m = re.search(r"(\d+)$", s.source or "0")
+        rows.append(PhantomSample(s, int(s.extra["case_seed"]), int(m.group(1)) if m else 0))
+    return load_phantom_config(meta), rows
 
 
 def _default_workers() -> int:
@@ -596,7 +617,7 @@ def _render_and_write(out: Path, cfg: PhantomConfig, label: str, index: int, sou
     stem = f"{label}_{index:04d}"
     img_rel = f"{label}/{stem}.png"
     lung_rel = f"masks/{stem}_lungs.png"
-    atomic_write_bytes(out / img_rel, _png_bytes(_to_u8(case.image)))
+    atomic_write_bytes(out / img_rel, _png_bytes(to_uint8(case.image)))
     atomic_write_bytes(out / lung_rel, _png_bytes(case.lung_mask.astype(np.uint8) * 255))
     mask_rel = ""
     if label in ABNORMAL:

@@ -10,6 +10,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+DEFAULT_BOOTSTRAP = 1000  # resamples behind every 95% interval unless told otherwise
+
 
 def _weighted_auc(counts: np.ndarray, truth: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """AUC (Mann-Whitney, ties count half) of every replicate; NaN where a class is missing."""
@@ -28,7 +30,7 @@ def _weighted_auc(counts: np.ndarray, truth: np.ndarray, scores: np.ndarray) -> 
     return auc
 
 
-def bootstrap_replicates(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str], n_boot: int = 1000,
+def bootstrap_replicates(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str], n_boot: int = DEFAULT_BOOTSTRAP,
                          seed: int = 0) -> dict[str, np.ndarray]:
     """Metric values of every bootstrap replicate, keyed like the ``ci`` entries."""
     n = len(y_true)
@@ -74,7 +76,7 @@ def weighted_metrics(counts: np.ndarray, y_true: Sequence[int], probs: np.ndarra
     return out
 
 
-def bootstrap_ci(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str], n_boot: int = 1000,
+def bootstrap_ci(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str], n_boot: int = DEFAULT_BOOTSTRAP,
                  seed: int = 0, level: float = 0.95) -> dict[str, Any]:
     """Percentile intervals: ``{"level", "n_boot", "accuracy": {"low", "high"}, ..., "per_class": {...}}``."""
     if n_boot <= 0 or len(y_true) == 0:

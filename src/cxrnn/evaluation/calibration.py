@@ -80,7 +80,7 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 def plot_reliability(probs: np.ndarray, y_true: np.ndarray, path: str | Path, bins: int = DEFAULT_BINS,
                      title: str = "Reliability diagram", before: np.ndarray | None = None) -> Path:
     """Accuracy per confidence bin against the diagonal; ``before`` adds the uncalibrated curve."""
-    from cxrnn.evaluation.plots import _save, plt
+    from cxrnn.evaluation.plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
@@ -96,4 +96,21 @@ def plot_reliability(probs: np.ndarray, y_true: np.ndarray, path: str | Path, bi
     ax.set_ylabel("accuracy")
     ax.set_title(title)
     ax.legend(loc="upper left", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
+
+
+def calibrate(val_logits: np.ndarray, y_val: np.ndarray, test_logits: np.ndarray, y_test: np.ndarray
+              ) -> tuple[float, np.ndarray, np.ndarray, dict[str, Any]]:
+    """Fit T on validation logits; return (T, test probs before, after, the calibration block)."""
+    before = softmax(test_logits)
+    if len(val_logits) == 0:
+        return 1.0, before, before, {"temperature": 1.0, "fitted_on": None,
+                                     "ece_before": expected_calibration_error(before, y_test)}
+    t = fit_temperature(val_logits, y_val)
+    after = softmax(test_logits, t)
+    block = {"temperature": t, "fitted_on": f"validation split ({len(y_val)} images)",
+             "ece_before": expected_calibration_error(before, y_test),
+             "ece_after": expected_calibration_error(after, y_test),
+             "val_ece_before": expected_calibration_error(softmax(val_logits), y_val),
+             "val_ece_after": expected_calibration_error(softmax(val_logits, t), y_val)}
+    return t, before, after, block

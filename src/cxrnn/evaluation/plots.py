@@ -10,16 +10,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+from sklearn.metrics import auc, roc_curve  # noqa: E402
+
+from cxrnn.utils.atomic import atomic_write  # noqa: E402
 
 
-def _save(fig: "plt.Figure", path: str | Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+def save_figure(fig: "plt.Figure", path: str | Path) -> Path:
+    """Save ``fig`` as PNG through the one atomic-write helper and close it (two runs writing plots at once
+    never see each other's half-written files)."""
+    try:
+        return atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
 
 def plot_confusion_matrix(cm: Sequence[Sequence[int]], classes: Sequence[str], path: str | Path,
@@ -37,7 +39,7 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]], classes: Sequence[str], p
         for j in range(cm.shape[1]):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center",
                     color="white" if cm[i, j] > threshold else "black")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_roc(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str], path: str | Path) -> Path:
@@ -48,12 +50,10 @@ def plot_roc(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str], p
         if truth.min() == truth.max():
             continue
         fpr, tpr, _ = roc_curve(truth, probs[:, i])
-        from sklearn.metrics import auc
-
         ax.plot(fpr, tpr, label=f"{name} (AUC {auc(fpr, tpr):.3f})")
     ax.plot([0, 1], [0, 1], "k:", lw=1)
     ax.set_xlabel("false positive rate (1 - specificity)")
     ax.set_ylabel("true positive rate (sensitivity)")
     ax.set_title("ROC, one class vs rest")
     ax.legend(loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cxrnn.utils.atomic import atomic_write_text
+
 
 def _fmt(value: Any) -> str:
     if value is None:
@@ -31,9 +33,51 @@ def confusion_table(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_report(run_dir: str | Path, cfg: Any, result: Any, extra_sections: list[str] | None = None) -> Path:
-    from cxrnn.utils.atomic import atomic_write_text
+def ci_text(metrics: dict[str, Any], key: str) -> str:
+    ci = metrics.get("ci", {}).get(key)
+    if not ci or ci.get("low") is None:
+        return ""
+    return f" [{ci['low']:.3f}, {ci['high']:.3f}]"
 
+
+def report_sections(metrics: dict[str, Any]) -> list[str]:
+    """Markdown for report.md: confidence intervals, calibration, leave-one-source-out."""
+    lines: list[str] = []
+    if "ci" in metrics:
+        ci = metrics["ci"]
+        lines += [f"## {ci['level']:.0%} confidence intervals ({ci['n_boot']} bootstrap resamples of the test split)", "",
+                  f"- accuracy {metrics['accuracy']:.3f}{ci_text(metrics, 'accuracy')}",
+                  f"- macro F1 {metrics['macro_f1']:.3f}{ci_text(metrics, 'macro_f1')}"]
+        if metrics.get("macro_auc") is not None:
+            lines.append(f"- macro AUC {metrics['macro_auc']:.3f}{ci_text(metrics, 'macro_auc')}")
+        lines += ["", "| class | recall | 95% CI | specificity | 95% CI |", "|---|---|---|---|---|"]
+        for name, row in metrics["per_class"].items():
+            c = ci["per_class"][name]
+            fmt = lambda d: "n/a" if d["low"] is None else f"[{d['low']:.3f}, {d['high']:.3f}]"  # noqa: E731
+            spec = row["specificity"]
+            lines.append(f"| {name} | {row['recall']:.3f} | {fmt(c['recall'])} | "
+                         f"{'n/a' if spec is None else f'{spec:.3f}'} | {fmt(c['specificity'])} |")
+        lines.append("")
+    cal = metrics.get("calibration")
+    if cal:
+        lines += ["## Calibration", "", f"temperature {cal['temperature']:.3f} (fitted on {cal['fitted_on'] or 'nothing: no validation split'}); "
+                  f"test ECE (15 bins) before {cal['ece_before']:.3f}"
+                  + (f", after {cal['ece_after']:.3f}" if "ece_after" in cal else ""), "", "![reliability](reliability.png)", ""]
+    loso = metrics.get("leave_one_source_out")
+    if loso:
+        lines += ["## Leave one source out (train on the other sources, test on the held-out one)", "",
+                  "| held-out source | n train | n test | accuracy | macro F1 | macro AUC |", "|---|---|---|---|---|---|"]
+        for src, r in loso["sources"].items():
+            auc = "n/a" if r["macro_auc"] is None else f"{r['macro_auc']:.3f}"
+            lines.append(f"| {src} | {r['n_train']} | {r['n_test']} | {r['accuracy']:.3f}{ci_text(r, 'accuracy')} "
+                         f"| {r['macro_f1']:.3f} | {auc} |")
+        lines += ["", f"mean accuracy {loso['mean_accuracy']:.3f} ± {loso['std_accuracy']:.3f}", ""]
+    return lines
+
+
+def write_report(run_dir: str | Path, cfg: Any, result: Any) -> Path:
+    """report.md of a run: set-up, test metrics, folds, training, skipped files, intervals, calibration,
+    leave-one-source-out. Every run writes the same sections from the same metrics."""
     m = result.metrics
     lines = [
         f"# cxrnn run: {cfg.backbone} + {cfg.head} head",
@@ -74,7 +118,7 @@ def write_report(run_dir: str | Path, cfg: Any, result: Any, extra_sections: lis
                   + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()), ""]
     if result.skipped:
         lines += ["## Skipped files", "", *[f"- {s}" for s in result.skipped[:50]], ""]
-    lines += extra_sections or []
+    lines += report_sections(m)
     lines += ["## Caveats", "",
               "Research use only, not a medical device. Accuracy on one split of one dataset says little about "
               "other hospitals: audit the data for duplicates and source shortcuts (`cxrnn audit`) before trusting it.", ""]

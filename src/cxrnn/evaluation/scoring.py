@@ -1,4 +1,6 @@
-"""Evaluate a model on a dataset and write metrics.json, the plots and per-image predictions."""
+"""Score predictions and write an evaluation folder: metrics with bootstrap intervals and ECE, metrics.json,
+confusion_matrix.png, roc.png, reliability.png and predictions.csv. Training runs and ``cxrnn evaluate``
+both come through here, so every evaluation carries the same fields."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import numpy as np
 
 from cxrnn.utils.atomic import atomic_write_text
 from cxrnn.data.dataset import Dataset
+from cxrnn.evaluation.bootstrap import DEFAULT_BOOTSTRAP, bootstrap_ci
+from cxrnn.evaluation.calibration import calibration_summary, plot_reliability
 from cxrnn.evaluation.metrics import compute_metrics
 from cxrnn.evaluation.plots import plot_confusion_matrix, plot_roc
 from cxrnn.models.bundle import ModelBundle
@@ -47,15 +51,42 @@ def evaluate_dataset(bundle: ModelBundle, dataset: Dataset, progress: Progress |
     return EvalResult(compute_metrics(y_true, probs, bundle.classes), y_true, probs, paths, errors)
 
 
+def score_predictions(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], n_boot: int = DEFAULT_BOOTSTRAP,
+                      seed: int = 0) -> dict[str, Any]:
+    """Metrics of ``probs`` against ``y_true`` plus ``ci`` (percentile bootstrap, when ``n_boot`` > 0),
+    ``ece`` and ``reliability`` (15 bins)."""
+    metrics = compute_metrics(y_true, probs, classes)
+    if n_boot > 0:
+        metrics["ci"] = bootstrap_ci(y_true, probs, classes, n_boot, seed)
+    summary = calibration_summary(probs, y_true)
+    metrics["ece"] = summary["ece"]
+    metrics["reliability"] = summary["reliability"]
+    return metrics
+
+
+def evaluate_to_dir(bundle: ModelBundle, dataset: Dataset, out_dir: str | Path, n_boot: int = DEFAULT_BOOTSTRAP,
+                    seed: int = 0, progress: Progress | None = None, batch_size: int = 16) -> EvalResult:
+    """``cxrnn evaluate``: predict ``dataset`` with ``bundle`` and write the evaluation folder."""
+    result = evaluate_dataset(bundle, dataset, progress=progress, batch_size=batch_size)
+    result.metrics = score_predictions(result.y_true, result.probs, bundle.classes, n_boot, seed)
+    write_evaluation(out_dir, result.y_true, result.probs, bundle.classes, result.paths, result.metrics)
+    return result
+
+
 def write_evaluation(out_dir: str | Path, y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str],
-                     paths: Sequence[str] | None = None, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
-    """metrics.json + confusion_matrix.png + roc.png (+ predictions.csv when paths are given)."""
+                     paths: Sequence[str] | None = None, metrics: dict[str, Any] | None = None,
+                     before: np.ndarray | None = None) -> dict[str, Any]:
+    """metrics.json + confusion_matrix.png + roc.png (+ reliability.png when there are test images, + 
+    predictions.csv when paths are given). ``before``: the uncalibrated probabilities, drawn as a second
+    reliability curve."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics = metrics or compute_metrics(y_true, probs, classes)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     plot_confusion_matrix(metrics["confusion_matrix"], classes, out / "confusion_matrix.png")
     plot_roc(y_true, probs, classes, out / "roc.png")
+    if len(y_true):
+        plot_reliability(probs, y_true, out / "reliability.png", before=before)
     if paths is not None:
         buf = io.StringIO()
         writer = csv.writer(buf)

@@ -4,6 +4,10 @@ The model handed to pytorch-grad-cam is the complete ``CxrNet``: the class score
 the classifier, the RNN head and the reshape of the feature map into a sequence, down to the backbone's
 target layer. Maps come back at the original image's resolution and aspect: the model input is a plain
 resize of the whole image to SxS (no crop), so undoing it is a resize of the map back to (H, W).
+
+The forward pass behind a map is the model's prediction too: ``CamResult`` carries the calibrated
+probabilities and the out-of-distribution score of that pass, computed as the inference graph computes
+them. ``predict_and_explain`` uses them instead of a second forward pass where they are the same numbers.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import contextlib
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 from unittest import mock
 
 import numpy as np
@@ -22,7 +26,11 @@ from torch import nn
 
 from cxrnn.data.io import ImageReadError, read_image
 from cxrnn.models.bundle import ModelBundle, load_bundle
+from cxrnn.models.ood import MahalanobisScore, OodStats
 from cxrnn.models.preprocess import to_input_tensor
+
+if TYPE_CHECKING:
+    from cxrnn.inference.predictor import Prediction, Predictor
 
 Progress = Callable[[int, int], None]
 
@@ -39,20 +47,17 @@ def _score_cam() -> type:
 
         The library keeps the target layer's activations of every one of the C masked forward passes
         (C = channels, 1280 for EfficientNet-Lite0) until the next call: hundreds of MB per image for nothing.
+        The recorder's hooks are gated by CamExplainer (``recording``), so muting them is one flag.
         """
 
         def get_cam_weights(self, input_tensor, target_layer, targets, activations, grads):  # type: ignore[override]
             recorder = self.activations_and_grads
-            for handle in recorder.handles:
-                handle.remove()
-            recorder.handles.clear()
+            recorder.recording = False
             try:
                 with mock.patch.object(score_cam_module.tqdm, "tqdm", quiet_bar):
                     return super().get_cam_weights(input_tensor, target_layer, targets, activations, grads)
             finally:
-                for layer in self.target_layers:
-                    recorder.handles.append(layer.register_forward_hook(recorder.save_activation))
-                    recorder.handles.append(layer.register_forward_hook(recorder.save_gradient))
+                recorder.recording = True
 
     return QuietScoreCAM
 
@@ -99,6 +104,20 @@ class Explanation:
         return {"path": self.path, "label": self.label, "target": self.target, "probabilities": self.probabilities}
 
 
+@dataclass
+class CamResult:
+    """One image's CAM pass: the map, and the prediction of the same forward pass.
+
+    ``probabilities`` is softmax(logits / temperature) and ``ood_score`` the Mahalanobis distance of the
+    backbone map's spatial mean, the same operations as ``cxrnn.inference.graph.InferenceModule``.
+    """
+
+    cam: np.ndarray  # float32 (H, W) in [0, 1] at the image's own size
+    probabilities: np.ndarray  # (K,)
+    target: int  # index of the explained class
+    ood_score: float
+
+
 def resize_map(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of a map to ``shape`` (H, W), clipped to [0, 1]: undoes the square input resize."""
     if cam.shape == tuple(shape):
@@ -126,6 +145,9 @@ class CamExplainer:
     >>> with CamExplainer(load_bundle("run/model.pt")) as explainer:
     ...     for exp in explainer.explain_paths(["a.png", "b.dcm"]):
     ...         print(exp.label, exp.cam.shape)
+
+    Its hooks act only while it explains: between calls the network runs exactly as without them, so one
+    explainer can stay open beside a predictor that shares the network (the HTTP service keeps one).
     """
 
     def __init__(self, bundle: ModelBundle, method: str = "gradcam", layer: str | None = None, batch_size: int = 8):
@@ -148,10 +170,42 @@ class CamExplainer:
         # .grad, so every parameter is switched off while explaining and restored by close().
         self._saved_requires_grad = [(p, p.requires_grad) for p in bundle.net.parameters()]
         bundle.net.requires_grad_(False)
-        self._grad_hook = (
-            self.layer.register_forward_hook(_differentiable_output, prepend=True) if self.uses_gradients else None
-        )
         self._cam = cam_cls(model=bundle.net, target_layers=[self.layer])
+        self._ood = MahalanobisScore(OodStats.from_extras(bundle.extras), bundle.net.backbone.spec.feature_channels)
+        self._temperature = torch.tensor(float(bundle.temperature))  # a tensor, as in the inference graph
+        self._pooled: torch.Tensor | None = None
+        self._handles = self._gate_hooks()
+
+    def _gate_hooks(self) -> list[Any]:
+        """Re-register the library's recording hooks behind a switch, plus ours, all off until a call.
+
+        pytorch-grad-cam's hooks record every forward pass while registered: a predictor sharing the
+        network would pile up one activation per batch between explanations.
+        """
+        recorder = self._cam.activations_and_grads
+        for handle in recorder.handles:
+            handle.remove()
+        recorder.handles.clear()
+        recorder.recording = False
+
+        def gated(hook: Callable[..., Any]) -> Callable[..., Any]:
+            def run(module: nn.Module, args: Any, output: Any) -> Any:
+                return hook(module, args, output) if recorder.recording else None
+
+            return run
+
+        handles = []
+        if self.uses_gradients:  # before the recorder's hooks, so they see the differentiable output
+            handles.append(self.layer.register_forward_hook(gated(_differentiable_output), prepend=True))
+        recorder.handles += [self.layer.register_forward_hook(gated(recorder.save_activation)),
+                             self.layer.register_forward_hook(gated(recorder.save_gradient))]
+        handles.append(self.bundle.net.backbone.register_forward_hook(gated(self._keep_pooled)))
+        return handles
+
+    def _keep_pooled(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        # Only the first pass of a call is the image itself; ScoreCAM's masked passes come after it.
+        if self._pooled is None:
+            self._pooled = output.detach().mean(dim=(2, 3))
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> "CamExplainer":
@@ -165,9 +219,9 @@ class CamExplainer:
         """Remove every hook from the model (idempotent); the model then runs exactly as before."""
         self._cam.activations_and_grads.release()
         self._cam.outputs = None
-        if self._grad_hook is not None:
-            self._grad_hook.remove()
-            self._grad_hook = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         for param, flag in self._saved_requires_grad:
             param.requires_grad_(flag)
         self._saved_requires_grad = []
@@ -185,23 +239,28 @@ class CamExplainer:
             raise ValueError(f"unknown target class {target!r}: the model's classes are {', '.join(self.classes)}")
         return self.classes.index(target)
 
-    def explain_arrays(
-        self, images: Sequence[np.ndarray], target: str | Sequence[str | None] | None = None
-    ) -> list[tuple[np.ndarray, np.ndarray, int]]:
-        """(map at each image's own size, class probabilities, explained class index) per grey [0,1] image.
+    def explain_images(self, images: Sequence[np.ndarray], target: str | Sequence[str | None] | None = None
+                       ) -> list[CamResult]:
+        """One CamResult per grey [0,1] image, in batches of ``batch_size``.
 
         ``target`` is a class name for all images, one name (or None) per image, or None for the predicted class.
         """
         per_image = list(target) if isinstance(target, (list, tuple)) else [target] * len(images)
         if len(per_image) != len(images):
             raise ValueError(f"{len(per_image)} targets for {len(images)} images")
-        out: list[tuple[np.ndarray, np.ndarray, int]] = []
+        out: list[CamResult] = []
         for start in range(0, len(images), self.batch_size):
             batch = list(images[start : start + self.batch_size])
             out.extend(self._explain_batch(batch, [self._target_index(t) for t in per_image[start : start + len(batch)]]))
         return out
 
-    def _explain_batch(self, images: list[np.ndarray], targets: list[int | None]) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    def explain_arrays(
+        self, images: Sequence[np.ndarray], target: str | Sequence[str | None] | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        """(map at each image's own size, class probabilities, explained class index) per grey [0,1] image."""
+        return [(r.cam, r.probabilities, r.target) for r in self.explain_images(images, target)]
+
+    def _explain_batch(self, images: list[np.ndarray], targets: list[int | None]) -> list[CamResult]:
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         x = to_input_tensor(images, self.bundle.preprocessing)
@@ -213,23 +272,41 @@ class CamExplainer:
                     predicted = self.bundle.net(x).argmax(dim=1).tolist()
                 targets = [p if t is None else t for t, p in zip(targets, predicted)]
             cam_targets = [ClassifierOutputTarget(int(t)) for t in targets]
+        recorder = self._cam.activations_and_grads
+        self._pooled = None
+        recorder.recording = True
         try:
             with self._rnn_backward_allowed():
                 maps = self._cam(input_tensor=x, targets=cam_targets)
-            logits = self._cam.outputs.detach()
+            logits, pooled = self._cam.outputs.detach(), self._pooled
         finally:
             # The library keeps the last batch's activations, gradients and output graph alive: drop them now.
-            self._cam.activations_and_grads.clear()
+            recorder.recording = False
+            recorder.clear()
             self._cam.outputs = None
-        probs = torch.softmax(logits / self.bundle.temperature, dim=1).numpy()
+            self._pooled = None
+        with torch.inference_mode():
+            probs = torch.softmax(logits / self._temperature.to(logits.device), dim=1)
+            scores = self._ood.to(pooled.device)(pooled)
+        probs_np, scores_np = _float32_numpy(probs), _float32_numpy(scores)
         if cam_targets is None:
             targets = logits.argmax(dim=1).tolist()
-        return [(resize_map(m, img.shape[:2]), p, int(t)) for m, img, p, t in zip(maps, images, probs, targets)]
+        return [CamResult(resize_map(m, img.shape[:2]), p, int(t), float(s))
+                for m, img, p, t, s in zip(maps, images, probs_np, targets, scores_np)]
 
     def _rnn_backward_allowed(self) -> contextlib.AbstractContextManager:
         # cuDNN RNNs refuse backward in eval mode; the native kernels do not (CPU never uses cuDNN).
         device = next(self.bundle.net.parameters()).device
         return torch.backends.cudnn.flags(enabled=False) if device.type == "cuda" else contextlib.nullcontext()
+
+    def to_explanation(self, path: str, image: np.ndarray, result: CamResult) -> Explanation:
+        return Explanation(
+            path=path, image=image, cam=result.cam,
+            # EigenCAM is class-agnostic: it explains no particular class.
+            target=self.classes[result.target] if self.method != "eigencam" else None,
+            label=self.classes[int(np.argmax(result.probabilities))],
+            probabilities={c: float(p) for c, p in zip(self.classes, result.probabilities)},
+        )
 
     def explain_paths(
         self, paths: Iterable[str | Path], target: str | None = None, progress: Progress | None = None
@@ -242,26 +319,66 @@ class CamExplainer:
         paths = [str(p) for p in paths]
         for start in range(0, len(paths), self.batch_size):
             chunk = paths[start : start + self.batch_size]
-            read: list[tuple[int, np.ndarray]] = []
-            results: list[Explanation] = []
-            for i, path in enumerate(chunk):
-                try:
-                    read.append((i, read_image(path)))
-                    results.append(Explanation(path=path))
-                except ImageReadError as err:
-                    results.append(Explanation(path=path, error=str(err)))
+            read, errors = read_images(chunk)
+            results = dict(errors)
             if read:
-                maps = self._explain_batch([img for _, img in read], [self._target_index(target)] * len(read))
-                for (i, image), (cam, probs, t) in zip(read, maps):
-                    exp = results[i]
-                    # EigenCAM is class-agnostic: it explains no particular class.
-                    exp.image, exp.cam = image, cam
-                    exp.target = self.classes[t] if self.method != "eigencam" else None
-                    exp.label = self.classes[int(np.argmax(probs))]
-                    exp.probabilities = {c: float(p) for c, p in zip(self.classes, probs)}
-            yield from results
+                images = [img for _, img in read]
+                for (i, image), r in zip(read, self._explain_batch(images, [self._target_index(target)] * len(read))):
+                    results[i] = self.to_explanation(chunk[i], image, r)
+            yield from (results[i] for i in range(len(chunk)))
             if progress:
                 progress(min(start + len(chunk), len(paths)), len(paths))
+
+
+def _float32_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(device="cpu", dtype=torch.float32).numpy()
+
+
+def read_images(paths: Sequence[str]) -> tuple[list[tuple[int, np.ndarray]], list[tuple[int, Explanation]]]:
+    """Decode each path once: (index, image) for the readable ones, (index, error Explanation) for the rest."""
+    read: list[tuple[int, np.ndarray]] = []
+    errors: list[tuple[int, Explanation]] = []
+    for i, path in enumerate(paths):
+        try:
+            read.append((i, read_image(path)))
+        except ImageReadError as err:
+            errors.append((i, Explanation(path=path, error=str(err))))
+    return read, errors
+
+
+def cam_pass_predicts(predictor: "Predictor") -> bool:
+    """True when a CAM pass computes the predictor's own numbers: its engine is the torch graph on the CPU
+    in fp32. Elsewhere (ONNX Runtime, bf16 autocast, cuDNN, which the CAM pass turns off for the RNN's
+    backward) the two passes differ in the last bits, so the predictor's engine runs as well."""
+    engine = predictor.engine
+    device = getattr(engine, "device", None)
+    return (getattr(engine, "name", None) == "torch" and getattr(device, "type", None) == "cpu"
+            and getattr(engine, "precision", None) == "fp32")
+
+
+def predict_and_explain(
+    predictor: "Predictor", explainer: CamExplainer, images: Sequence[np.ndarray], paths: Sequence[str],
+    target: str | None = None,
+) -> list[tuple["Prediction", Explanation]]:
+    """The prediction and the map (of ``target``, default the predicted class) of each decoded image: one
+    forward pass per batch where ``cam_pass_predicts(predictor)``, else the predictor's engine pass, then
+    the CAM pass.
+
+    The predictions equal ``predictor.predict_with_ood`` on the same images when the explainer's batches
+    are the predictor's (same ``batch_size``): batch composition changes the last bits of a CPU forward pass.
+    """
+    if explainer.bundle is not predictor.bundle:
+        raise ValueError("the explainer and the predictor must share one model bundle")
+    if cam_pass_predicts(predictor):
+        results = explainer.explain_images(images, target)
+        predictions = [predictor.to_prediction(p, r.probabilities, r.ood_score) for p, r in zip(paths, results)]
+    else:
+        probs, scores = predictor.predict_with_ood(images)
+        predictions = [predictor.to_prediction(p, pr, s) for p, pr, s in zip(paths, probs, scores)]
+        # The map explains the label reported, even where the two passes' last bits could tip a near tie.
+        results = explainer.explain_images(images, [target or pred.label for pred in predictions])
+    return [(pred, explainer.to_explanation(path, image, r))
+            for pred, path, image, r in zip(predictions, paths, images, results)]
 
 
 def explain(

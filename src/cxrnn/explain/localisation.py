@@ -29,10 +29,10 @@ from scipy import ndimage
 
 from cxrnn.data.dataset import Dataset, Sample, load_dataset
 from cxrnn.data.io import ImageReadError, read_image
-from cxrnn.utils.atomic import atomic_write_text
-from cxrnn.audit.shortcut import lesion_removed_test
 from cxrnn.explain.cam import CamExplainer
+from cxrnn.explain.counterfactual import lesion_removed_test
 from cxrnn.models.bundle import ModelBundle
+from cxrnn.utils.atomic import atomic_write_text
 
 Progress = Callable[[int, int], None]
 POINTING_TOLERANCE = 0.05  # of the image width, as in the definition of a hit

@@ -9,13 +9,17 @@ from __future__ import annotations
 import hashlib
 import io
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 from PIL import Image
 
-from cxrnn.utils.atomic import atomic_write_bytes
+from cxrnn.data.io import to_uint8
 from cxrnn.explain.cam import Explanation
+from cxrnn.utils.atomic import atomic_write_bytes
+
+if TYPE_CHECKING:  # matplotlib loads only when a panel is drawn
+    from matplotlib.figure import Figure
 
 
 def overlay_cam(image: np.ndarray, cam: np.ndarray, alpha: float = 0.4, colormap: str = "jet") -> np.ndarray:
@@ -32,8 +36,7 @@ def overlay_cam(image: np.ndarray, cam: np.ndarray, alpha: float = 0.4, colormap
         raise ValueError(f"unknown colour map {colormap!r} (any matplotlib name, e.g. jet, inferno, turbo)") from None
     grey = np.clip(image, 0.0, 1.0)[..., None]
     colour = cmap(np.clip(cam, 0.0, 1.0))[..., :3]
-    blended = (1.0 - alpha) * grey + alpha * colour
-    return np.round(blended * 255).astype(np.uint8)
+    return to_uint8((1.0 - alpha) * grey + alpha * colour)
 
 
 def save_png(path: str | Path, rgb: np.ndarray) -> Path:
@@ -56,7 +59,7 @@ def panel_figure(
     target: str | None = None,
     alpha: float = 0.4,
     colormap: str = "jet",
-):
+) -> Figure:
     """image | overlay | probability bars with class names, as a matplotlib Figure."""
     from matplotlib.figure import Figure
 

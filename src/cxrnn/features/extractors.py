@@ -1,4 +1,4 @@
-"""What runs a frozen backbone during feature extraction: PyTorch or ONNX Runtime.
+"""What runs a frozen backbone during feature extraction: the torch or the ONNX engine.
 
 ONNX Runtime is the faster fp32 CPU engine for these networks (benchmarks/inference.py, batch 16: VGG19
 reached 95% of the machine's fp32 matmul rate against 79% for torch channels_last; the five backbones ran
@@ -7,87 +7,60 @@ installed. bf16 and CUDA stay with torch (autocast and AMP are torch features). 
 once per feature store and kept there; a backbone the exporter cannot handle falls back to torch with one
 warning under ``auto`` and is an error under an explicit ``onnx``.
 
-Both engines compute the same fp32 maps up to summation order (a test holds them to 1e-4), so the
-store's key does not depend on the engine, just as it does not depend on the thread count.
+The engines are the predictor's (``cxrnn.inference.engines``) and the export is ``cxrnn export``'s
+(``cxrnn.inference.export``). Both engines compute the same fp32 maps up to summation order (a test holds
+them to 1e-4), so the store's key does not depend on the engine, just as it does not depend on the thread
+count.
 """
 
 from __future__ import annotations
 
-import warnings
+import json
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 import torch
 
-from cxrnn.inference import device as runtime
-from cxrnn.utils.atomic import atomic_write
-from cxrnn.inference.export import OPSET
+from cxrnn.inference.engines import RUNTIMES, Engine, OnnxEngine, TorchEngine
+from cxrnn.inference.export import export_onnx
 from cxrnn.models.backbones import Backbone
 
-EXTRACT_RUNTIMES = ("auto", "torch", "onnx")
+EXTRACT_RUNTIMES = ("auto", *RUNTIMES)
+FEATURES = "features"  # the backbone graph's one output: (B, C, H, W) feature maps
 
 
-class Extractor(Protocol):
-    name: str
+class Extractor:
+    """A backbone behind an engine; ``extractor(x)`` is the (B, C, H, W) float32 maps of a batch."""
 
-    def __call__(self, x: torch.Tensor) -> np.ndarray: ...
-
-
-class TorchExtractor:
-    """The backbone in channels_last on its device, under the chosen precision; float32 numpy out."""
-
-    name = "torch"
-
-    def __init__(self, backbone: Backbone, device: torch.device, precision: str):
-        self.device = device
-        self.precision = precision
-        self.module = runtime.prepare_module(backbone.eval(), device)
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.name = engine.name  # "torch" or "onnx": what the store reports as the engine it ran
 
     def __call__(self, x: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode(), runtime.autocast(self.device, self.precision):
-            maps = self.module(runtime.to_device_input(x, self.device))
-        return runtime.features_to_numpy(maps)
+        return self.engine(x)[FEATURES]
 
 
-class OnnxExtractor:
-    """An onnxruntime session over the backbone exported to ``onnx_path`` (exported first if missing)."""
-
-    name = "onnx"
-
-    def __init__(self, backbone: Backbone, onnx_path: str | Path, threads: int | None = None):
-        import onnxruntime as ort
-
-        self.path = Path(onnx_path)
-        if not self.path.exists():
-            export_backbone_onnx(backbone, self.path)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-
-    def __call__(self, x: torch.Tensor) -> np.ndarray:
-        (maps,) = self.session.run(None, {"image": x.detach().to("cpu", torch.float32).contiguous().numpy()})
-        return maps
+def _backbone_metadata(backbone: Backbone) -> dict[str, str]:
+    """Which backbone and weights a ``backbone.onnx`` holds, for whoever finds the file in a store."""
+    meta = {"backbone": backbone.spec.name, "weights": backbone.weights_id,
+            "preprocessing": backbone.preprocessing.to_dict()}
+    return {k: json.dumps(v) for k, v in meta.items()}
 
 
-def export_backbone_onnx(backbone: Backbone, path: str | Path, opset: int = OPSET) -> Path:
-    """The backbone's feature-map graph as ONNX with a free batch axis, written atomically (concurrent
-    torchrun processes may export at once; each rename installs a complete file)."""
-    size = backbone.preprocessing.input_size
-    example = torch.zeros(1, backbone.preprocessing.channels, size, size)
-    module = backbone.eval().to(device="cpu", memory_format=torch.contiguous_format)
-
-    def write(fh) -> None:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notice
-            torch.onnx.export(module, (example,), fh, dynamo=False, opset_version=opset,
-                              input_names=["image"], output_names=["features"],
-                              dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}})
-
-    return atomic_write(path, write)
+def onnx_extractor(backbone: Backbone, onnx_path: str | Path, threads: int | None = None) -> Extractor:
+    """The ONNX engine over ``onnx_path``, exporting the backbone there first if the file is missing."""
+    path = Path(onnx_path)
+    if not path.exists():
+        size = backbone.preprocessing.input_size
+        example = torch.zeros(1, backbone.preprocessing.channels, size, size)
+        # the exporter traces the weights as they lie: the plain CPU layout, not a torch engine's channels_last
+        module = backbone.eval().to(device="cpu", memory_format=torch.contiguous_format)
+        export_onnx(module, example, path, (FEATURES,), _backbone_metadata(backbone))
+    return Extractor(OnnxEngine(path, (FEATURES,), threads=threads or torch.get_num_threads()))
 
 
-def onnxruntime_available() -> bool:
+def _onnxruntime_available() -> bool:
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
@@ -96,6 +69,7 @@ def onnxruntime_available() -> bool:
 
 
 def check_extract_runtime(name: str) -> str:
+    """``name`` if it is auto, torch or onnx, so a typo fails when the store is made, not at the first batch."""
     if name not in EXTRACT_RUNTIMES:
         raise ValueError(f"extraction runtime must be one of {', '.join(EXTRACT_RUNTIMES)}, not {name!r}")
     return name
@@ -103,18 +77,19 @@ def check_extract_runtime(name: str) -> str:
 
 def make_extractor(backbone: Backbone, requested: str, device: torch.device, precision: str,
                    onnx_path: Path, warn: Callable[[str], None]) -> Extractor:
-    """The engine for ``requested`` (auto|torch|onnx) on ``device`` at ``precision``."""
+    """The engine for ``requested`` (auto|torch|onnx) on ``device`` at ``precision``; ``auto`` never fails
+    for want of onnxruntime or an exportable backbone, it warns once and extracts with torch."""
     check_extract_runtime(requested)
     if requested == "onnx" and (device.type != "cpu" or precision != "fp32"):
         raise ValueError("--runtime onnx extracts in fp32 on the CPU; use torch for bf16 or cuda")
     use_onnx = requested == "onnx" or (
-        requested == "auto" and device.type == "cpu" and precision == "fp32" and onnxruntime_available())
+        requested == "auto" and device.type == "cpu" and precision == "fp32" and _onnxruntime_available())
     if use_onnx:
         try:
-            return OnnxExtractor(backbone, onnx_path)
+            return onnx_extractor(backbone, onnx_path)
         except Exception as exc:  # noqa: BLE001 - any exporter/runtime failure means: use torch instead
             if requested == "onnx":
                 raise RuntimeError(f"ONNX export of backbone {backbone.spec.name} failed: {exc}") from exc
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             warn(f"onnxruntime unavailable for {backbone.spec.name} ({first_line}); extracting with torch")
-    return TorchExtractor(backbone, device, precision)
+    return Extractor(TorchEngine(backbone, (FEATURES,), device, precision))

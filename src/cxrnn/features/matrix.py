@@ -10,49 +10,40 @@ process's resident set until unmapped, file reads leave them in the kernel's pag
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+
+from cxrnn.utils.atomic import atomic_write
+from cxrnn.utils.hashing import sequence_digest
 
 RowSource = Callable[[int], np.ndarray]
 
 
 def matrix_key(digests: Sequence[str]) -> str:
     """Identity of an ordered list of images (their content digests)."""
-    h = hashlib.sha256()
-    for d in digests:
-        h.update(d.encode())
-        h.update(b"\n")
-    return h.hexdigest()[:24]
+    return sequence_digest(digests)[:24]
 
 
 def write_matrix(path: Path, n_rows: int, row_shape: tuple[int, ...], dtype: str, rows: Iterable[np.ndarray]) -> Path:
-    """Write rows one by one (never the whole matrix in RAM) to a temp file, then rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-                      "shape": (n_rows, *row_shape)}
-            np.lib.format.write_array_header_1_0(fh, header)
-            written = 0
-            for row in rows:
-                row = np.ascontiguousarray(row, dtype=dtype)
-                if row.shape != tuple(row_shape):
-                    raise ValueError(f"feature row {written} has shape {row.shape}, expected {tuple(row_shape)}")
-                fh.write(row.tobytes())
-                written += 1
-            if written != n_rows:
-                raise ValueError(f"wrote {written} feature rows, expected {n_rows}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    """Write rows one by one (never the whole matrix in RAM) through the atomic-write helper."""
+
+    def write(fh) -> None:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                  "shape": (n_rows, *row_shape)}
+        np.lib.format.write_array_header_1_0(fh, header)
+        written = 0
+        for row in rows:
+            row = np.ascontiguousarray(row, dtype=dtype)
+            if row.shape != tuple(row_shape):
+                raise ValueError(f"feature row {written} has shape {row.shape}, expected {tuple(row_shape)}")
+            fh.write(row.tobytes())
+            written += 1
+        if written != n_rows:
+            raise ValueError(f"wrote {written} feature rows, expected {n_rows}")
+
+    return atomic_write(path, write)
 
 
 def open_matrix(path: str | Path) -> np.memmap:

@@ -1,9 +1,10 @@
-"""Where and how fast a network runs: device (cpu|cuda), precision (fp32|bf16), memory layout.
+"""Where and how a torch network runs: device (cpu|cuda), precision (fp32|bf16), memory layout.
 
-One place decides these so extraction, training, prediction and serving behave the same. bf16 uses
-autocast (weights stay fp32, convolutions and matmuls run in bf16: AMX/AVX512-BF16 on recent Intel CPUs,
-tensor cores on GPUs); fp32 runs as is. channels_last is applied to every backbone because oneDNN's and
-cuDNN's fastest convolution kernels want NHWC (measured in benchmarks/inference.py).
+One place decides these so extraction, training, prediction and serving behave the same (the torch engine
+in ``cxrnn.inference.engines`` and the training loops use these helpers). bf16 uses autocast (weights stay
+fp32, convolutions and matmuls run in bf16: AMX/AVX512-BF16 on recent Intel CPUs, tensor cores on GPUs);
+fp32 runs as is. channels_last is applied to every backbone because oneDNN's and cuDNN's fastest
+convolution kernels want NHWC (measured in benchmarks/inference.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,6 +22,7 @@ DEVICES = ("cpu", "cuda")
 
 
 def check_precision(precision: str) -> str:
+    """``precision`` if known: a typo must fail before minutes of extraction, not after."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     return precision
@@ -55,6 +58,7 @@ def _cpu_flags() -> set[str]:
 
 
 def cpu_name() -> str:
+    """The CPU model, for benchmark records: speed numbers mean little without the machine."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -68,7 +72,8 @@ def cpu_name() -> str:
 
 @contextlib.contextmanager
 def autocast(device: torch.device | str, precision: str) -> Iterator[None]:
-    """bf16 autocast on the device, or nothing for fp32."""
+    """bf16 through autocast rather than cast weights: weights and reductions stay fp32, which keeps bf16
+    predictions close to fp32 ones; fp32 enters no context at all."""
     device = resolve_device(device)
     if check_precision(precision) == "bf16":
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
@@ -78,46 +83,19 @@ def autocast(device: torch.device | str, precision: str) -> Iterator[None]:
 
 
 def prepare_module(module: nn.Module, device: torch.device | str) -> nn.Module:
-    """Move to the device in channels_last layout (4-D weights only; LSTM/Linear weights are untouched)."""
+    """Move to the device in channels_last layout (4-D weights only; LSTM/Linear weights are untouched), in
+    place: the caller's module is the one that runs, no second copy of the weights is held."""
     device = resolve_device(device)
     return module.to(device=device, memory_format=torch.channels_last)
 
 
 def to_device_input(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``x`` on the device in the layout ``prepare_module`` gave the weights (a mismatch costs a reorder per layer)."""
     device = resolve_device(device)
     return x.to(device=device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
 
-def features_to_numpy(maps: torch.Tensor):
-    """Float32 numpy on the CPU, whatever precision produced ``maps`` (bf16 has no numpy dtype)."""
-    return maps.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
-
-
-class DeviceEngine:
-    """Runs an inference engine's torch module on a device, in channels_last, under the chosen precision.
-
-    Wraps ``cxrnn.inference.graph.TorchEngine`` (same outputs: a dict of float32 numpy arrays) so prediction
-    and serving get ``--device``/``--precision`` without a second inference graph.
-    """
-
-    def __init__(self, engine, device: str | torch.device = "cpu", precision: str = "fp32"):
-        self.name = engine.name
-        self.device = resolve_device(device)
-        self.precision = check_precision(precision)
-        self.module = prepare_module(engine.module.eval(), self.device)
-
-    def __call__(self, x: torch.Tensor) -> dict:
-        from cxrnn.inference.graph import OUTPUT_NAMES
-
-        with torch.inference_mode(), autocast(self.device, self.precision):
-            outs = self.module(to_device_input(x, self.device))
-        return {k: features_to_numpy(v) for k, v in zip(OUTPUT_NAMES, outs)}
-
-
-def accelerate_engine(engine, device: str | torch.device = "cpu", precision: str = "fp32"):
-    """``engine`` on ``device``/``precision`` when it is a torch engine; ONNX Runtime engines stay as they are."""
-    if getattr(engine, "name", None) != "torch":
-        if str(device) != "cpu" or precision != "fp32":
-            raise ValueError("--device/--precision apply to the torch runtime; onnx runs fp32 on the CPU")
-        return engine
-    return DeviceEngine(engine, device, precision)
+def to_float32_numpy(t: torch.Tensor) -> np.ndarray:
+    """Float32 numpy on the CPU whatever device and precision produced ``t``: bf16 has no numpy dtype, and
+    engines must hand callers the same dtype from torch and onnxruntime."""
+    return t.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()

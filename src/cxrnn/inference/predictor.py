@@ -2,22 +2,39 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
-import torch
 
 from cxrnn.data.io import ImageReadError, read_image
+from cxrnn.inference.engines import Engine, OnnxEngine, TorchEngine, check_runtime
+from cxrnn.inference.export import export_model
+from cxrnn.inference.graph import OUTPUT_NAMES, InferenceModule
 from cxrnn.models.bundle import ModelBundle, load_bundle
+from cxrnn.models.ood import OodStats
 from cxrnn.models.preprocess import to_input_tensor
 
 Progress = Callable[[int, int], None]
 
 
+def _make_engine(bundle: ModelBundle, runtime: str, device: str, precision: str) -> Engine:
+    """The inference graph of ``bundle`` behind the torch engine, or exported and behind the ONNX engine."""
+    if runtime == "torch":
+        return TorchEngine(InferenceModule(bundle), OUTPUT_NAMES, device, precision)
+    if str(device) != "cpu" or precision != "fp32":
+        raise ValueError("--device/--precision apply to the torch runtime; onnx runs fp32 on the CPU")
+    # the session reads the whole file when it is made, so the exported file need not outlive this call
+    with tempfile.TemporaryDirectory(prefix="cxrnn-onnx-") as tmp:
+        return OnnxEngine(export_model(bundle, "onnx", Path(tmp) / "model.onnx"), OUTPUT_NAMES)
+
+
 @dataclass
 class Prediction:
+    """One file's result; an unreadable file is a value with ``error`` set, so a batch never fails for one file."""
+
     path: str
     label: str | None = None
     probabilities: dict[str, float] | None = None
@@ -35,30 +52,21 @@ class Predictor:
 
     def __init__(self, bundle: ModelBundle, batch_size: int = 16, runtime: str = "torch", device: str = "cpu",
                  precision: str = "fp32"):
-        from cxrnn.inference.graph import make_engine
-        from cxrnn.models.ood import OodStats
-
         self.bundle = bundle
         self.batch_size = batch_size
         self.bundle.net.eval()
-        self.engine = make_engine(bundle, runtime)  # torch or onnxruntime: same outputs
-        from cxrnn.inference.device import accelerate_engine
-
-        self.engine = accelerate_engine(self.engine, device, precision)
+        self.engine = _make_engine(bundle, check_runtime(runtime), device, precision)  # same outputs either way
         self.ood_stats = OodStats.from_extras(bundle.extras)
 
     @classmethod
     def from_file(cls, path: str | Path, batch_size: int = 16, runtime: str = "torch", device: str = "cpu",
                   precision: str = "fp32") -> "Predictor":
+        """A predictor over a saved ``model.pt`` (loaded weights-only: a model file cannot run code)."""
         return cls(load_bundle(path), batch_size=batch_size, runtime=runtime, device=device, precision=precision)
 
     @property
     def classes(self) -> list[str]:
         return self.bundle.classes
-
-    def logits(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.bundle.net(to_input_tensor(images, self.bundle.preprocessing))
 
     def predict_arrays(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Probabilities (N, K) for grey [0,1] images, in batches."""
@@ -76,12 +84,15 @@ class Predictor:
         return np.concatenate(probs), np.concatenate(scores)
 
     def ood_result(self, score: float) -> dict[str, Any] | None:
+        """The gate's verdict on one score; None for a model trained before the gate existed, so callers
+        report "no gate" instead of a pass the model never made."""
         if self.ood_stats is None:
             return None
         return {"score": float(score), "threshold": self.ood_stats.threshold,
                 "flagged": bool(score > self.ood_stats.threshold)}
 
     def to_prediction(self, path: str, probs: np.ndarray, ood_score: float | None = None) -> Prediction:
+        """One image's outputs as the record that the CLI, the API and the demo all report."""
         return Prediction(
             path=path,
             label=self.classes[int(np.argmax(probs))],

@@ -16,12 +16,17 @@ import torch
 
 from cxrnn import __version__
 from cxrnn.utils.atomic import atomic_write
-from cxrnn.models.backbones import Backbone, Preprocessing, get_spec
+from cxrnn.models.backbones import Backbone, BackboneSpec, Preprocessing, get_spec
 from cxrnn.models.heads import RecurrentHead, create_head
 from cxrnn.models.network import CxrNet
 
 FORMAT = "cxrnn-model"
-FORMAT_VERSION = 2  # 2: recurrent heads store their summary (1 meant "last_mean")
+# 2: recurrent heads store their summary (1 meant "last_mean")
+# 3: ``metrics`` holds what training measured on the test split for the model card: the bootstrap
+#    intervals (``ci``), the ECE after temperature scaling (``ece``) and the ``calibration`` block
+FORMAT_VERSION = 3
+# The test-split measurements a run stores in its model file (the rest stays in metrics.json).
+BUNDLE_METRICS = ("n", "accuracy", "macro_f1", "macro_auc", "ci", "ece", "calibration")
 
 
 @dataclass
@@ -39,6 +44,8 @@ class ModelBundle:
     metrics: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
     created: str = ""
+    format_version: int = FORMAT_VERSION
+    notes: list[str] = field(default_factory=list)  # what an older model file does not hold
 
     @property
     def target_layer(self) -> str:
@@ -46,6 +53,15 @@ class ModelBundle:
 
     def describe(self) -> str:
         return f"{self.backbone_name}+{self.head_name} ({', '.join(self.classes)})"
+
+
+def paper_head_options(spec: BackboneSpec, options: dict[str, Any], freeze_rnn: bool) -> dict[str, Any]:
+    """The seed code's head sizes for ``spec`` unless ``options`` says otherwise."""
+    options = dict(options)
+    options.setdefault("lstm_units", spec.paper_head.lstm_units)
+    options.setdefault("dense", list(spec.paper_head.dense))
+    options.setdefault("freeze_rnn", freeze_rnn)
+    return options
 
 
 def build_network(
@@ -100,7 +116,8 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> ModelBu
         raise ValueError(f"{path}: not a cxrnn model file ({type(exc).__name__}: {exc})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not a cxrnn model file")
-    if int(payload.get("format_version", 0)) > FORMAT_VERSION:
+    version = int(payload.get("format_version", 0))
+    if version > FORMAT_VERSION:
         raise ValueError(f"{path}: made by a newer cxrnn (format {payload['format_version']})")
     import timm
 
@@ -110,7 +127,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> ModelBu
     backbone.preprocessing = prep
     hw = tuple(payload["feature_hw"])
     head_options = dict(payload["head"]["options"])
-    if int(payload.get("format_version", 0)) < 2 and payload["head"]["name"] in ("lstm", "gru", "bilstm"):
+    if version < 2 and payload["head"]["name"] in ("lstm", "gru", "bilstm"):
         head_options.setdefault("summary", "last_mean")
     head = create_head(
         payload["head"]["name"],
@@ -136,7 +153,23 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> ModelBu
         metrics=dict(payload.get("metrics", {})),
         extras=dict(payload.get("extras", {})),
         created=str(payload.get("created", "")),
+        format_version=version,
+        notes=_missing_for(version, dict(payload.get("metrics", {}))),
     )
+
+
+def _missing_for(version: int, metrics: dict[str, Any]) -> list[str]:
+    """Plain-language notes on what a model file lacks (shown on the model card)."""
+    notes = []
+    if "ci" not in metrics:
+        why = (f"model file format {version} predates stored intervals" if version < 3
+               else "the run was trained with --bootstrap 0")
+        notes.append(f"no bootstrap interval stored ({why}): the accuracy interval shown is a Wilson score "
+                     "interval computed from n and accuracy")
+    if "ece" not in metrics:
+        notes.append(f"no calibration error (ECE) stored (model file format {version} predates it): "
+                     "see the run's metrics.json")
+    return notes
 
 
 def _plain(value: Any) -> Any:

@@ -119,7 +119,9 @@ def pool_rows(feature_maps: Any, rows: np.ndarray, chunk: int = 256) -> np.ndarr
     return np.concatenate(parts) if parts else np.zeros((0, 0))
 
 
-def _stats_extras(pooled: np.ndarray, log) -> dict[str, Any] | None:
+def ood_extras(pooled: np.ndarray, log=None) -> dict[str, Any] | None:
+    """``bundle.extras["ood"]`` fitted on the training images' (N, C) pooled features, or None (with a log
+    line saying why) when there are too few of them."""
     try:
         stats = fit_ood_stats(pooled)
     except ValueError as exc:
@@ -130,11 +132,6 @@ def _stats_extras(pooled: np.ndarray, log) -> dict[str, Any] | None:
         log(f"out-of-distribution gate: threshold {stats.threshold:.2f} "
             f"(out-of-fold 99th percentile over {stats.n_images} training images)")
     return stats.to_extras()
-
-
-def ood_extras(feature_maps: Any, rows: np.ndarray, log=None) -> dict[str, Any] | None:
-    """Trainer hook: stats for ``bundle.extras["ood"]`` from the training rows of (N, C, H, W) maps, or None."""
-    return _stats_extras(pool_rows(feature_maps, rows), log)
 
 
 class MahalanobisScore(nn.Module):
@@ -151,18 +148,3 @@ class MahalanobisScore(nn.Module):
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         diff = pooled - self.mean
         return torch.sqrt(torch.clamp(((diff @ self.precision) * diff).sum(dim=1), min=0.0))
-
-
-def fine_tuned_ood_extras(net: nn.Module, images: list[np.ndarray], prep, log=None, batch_size: int = 32) -> dict[str, Any] | None:
-    """Fine-tuning hook: the backbone changed, so the training images' features are recomputed with it."""
-    from cxrnn.models.preprocess import to_input_tensor
-
-    net.eval()
-    pooled = []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            fmap = net.backbone(to_input_tensor(images[start : start + batch_size], prep))
-            pooled.append(fmap.mean(dim=(2, 3)).double().numpy())
-    if not pooled:
-        return None
-    return _stats_extras(np.concatenate(pooled), log)

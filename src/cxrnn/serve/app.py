@@ -5,6 +5,10 @@ is sniffed by content, never trusted by name; the pixel count is read from the h
 decoded (413, so a decompression bomb never allocates); every bad input is a 4xx JSON ``{"error": ...}``;
 one worker thread owns the model (micro-batching predictions), Grad-CAM shares its lock; each request has
 a time limit (504). Unexpected failures are a 500 JSON without traceback.
+
+``/v1/explain`` runs one forward pass per request where it can: the CAM pass also gives the probabilities
+and the OOD score (``cxrnn.explain.cam.predict_and_explain``); one explainer per method is kept for the
+service, its hooks idle between requests.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import warnings
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
@@ -32,9 +36,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cxrnn.data.io import ImageReadError, read_image, sniff_format
 from cxrnn.models.bundle import load_bundle
-from cxrnn.inference.predictor import Predictor
+from cxrnn.inference.predictor import Prediction, Predictor
 from cxrnn.serve.batching import MicroBatcher, QueueFullError
 from cxrnn.serve.card import model_card, model_identity
+
+if TYPE_CHECKING:
+    from cxrnn.explain.cam import CamExplainer
 
 log = logging.getLogger("cxrnn.serve")
 
@@ -174,6 +181,7 @@ class ModelService:
                                     max_queue=max(64, 16 * batch), lock=self.lock)
         # Decoding runs in the thread pool; bounding it bounds the memory of concurrent large uploads.
         self.decode_slots = threading.BoundedSemaphore(4)
+        self.explainers: dict[str, CamExplainer] = {}  # by method, made on first use, only touched under the lock
 
     def _predict_batch(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
         probs, scores = self.predictor.predict_with_ood(images)
@@ -198,14 +206,25 @@ class ModelService:
             status = 413 if err.reason.startswith("image too large") else 422
             raise ServeError(status, str(err)) from None
 
-    def explain(self, image: np.ndarray, target: str, method: str) -> dict[str, str]:
-        from cxrnn.explain import CamExplainer, resize_map
-        from cxrnn.explain.overlay import overlay_cam
+    def explain(self, image: np.ndarray, name: str, target: str | None, method: str
+                ) -> tuple[Prediction, str, dict[str, str]]:
+        """(prediction, explained class, base64 PNGs) of one image."""
+        from cxrnn.explain.cam import CamExplainer, predict_and_explain
+
+        with self.lock:  # the explainer runs the shared network: nothing else may run it meanwhile
+            explainer = self.explainers.get(method)
+            if explainer is None:
+                explainer = self.explainers[method] = CamExplainer(self.bundle, method=method, batch_size=1)
+            ((prediction, exp),) = predict_and_explain(self.predictor, explainer, [image], [name], target)
+        return prediction, target or prediction.label, self.render(image, exp.cam)
+
+    def render(self, image: np.ndarray, cam: np.ndarray) -> dict[str, str]:
+        """The page's three PNGs, at most DISPLAY_SIDE wide (the map was computed at full size)."""
         import matplotlib
 
-        with self.lock:  # Grad-CAM hooks the shared network: nothing else may run it meanwhile
-            with CamExplainer(self.bundle, method=method, batch_size=1) as explainer:
-                cam, _, _ = explainer.explain_arrays([image], target=target)[0]
+        from cxrnn.explain.cam import resize_map
+        from cxrnn.explain.overlay import overlay_cam
+
         shape = _display_size(image.shape[:2])
         small = resize_map(image, shape)
         small_cam = resize_map(cam, shape)
@@ -216,6 +235,14 @@ class ModelService:
             "heatmap_png": _png_b64(np.round(heat * 255).astype(np.uint8)),
             "image_png": _png_b64(np.round(small * 255).astype(np.uint8)),
         }
+
+    def close(self) -> None:
+        self.batcher.close()
+        with self.lock:
+            # Newest first: each explainer restores the requires_grad flags it found when it was made.
+            for explainer in reversed(list(self.explainers.values())):
+                explainer.close()
+            self.explainers.clear()
 
 
 def create_app(
@@ -238,7 +265,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        service.batcher.close()
+        service.close()
 
     app = FastAPI(
         title="cxrnn",
@@ -282,24 +309,32 @@ def create_app(
             raise ServeError(413, f"upload too large (limit {max_mb:g} MB)")
         return data
 
-    async def decode_and_predict(file: UploadFile, started: float) -> tuple[np.ndarray, dict[str, Any]]:
+    async def decode_upload(file: UploadFile) -> tuple[np.ndarray, str, str]:
         data = await read_upload(file)
         name = Path(file.filename or "upload").name
         image, fmt = await run_in_threadpool(service.decode, data, name)
+        return image, fmt, name
+
+    def response(image: np.ndarray, fmt: str, label: str, probabilities: dict[str, float],
+                 ood: dict[str, Any] | None) -> dict[str, Any]:
+        return {
+            "label": label,
+            "probabilities": probabilities,
+            "ood": ood,
+            "model": {"name": service.identity["name"], "version": service.identity["version"], "runtime": runtime},
+            "image": {"width": int(image.shape[1]), "height": int(image.shape[0]), "format": fmt},
+        }
+
+    async def decode_and_predict(file: UploadFile) -> dict[str, Any]:
+        image, fmt, _ = await decode_upload(file)
         try:
             future = service.batcher.submit(image)
         except QueueFullError as exc:
             raise ServeError(503, str(exc), headers={"Retry-After": "1"}) from None
         probs, score = await asyncio.wrap_future(future)
         classes = service.bundle.classes
-        result = {
-            "label": classes[int(np.argmax(probs))],
-            "probabilities": {c: float(p) for c, p in zip(classes, probs)},
-            "ood": service.predictor.ood_result(score),
-            "model": {"name": service.identity["name"], "version": service.identity["version"], "runtime": runtime},
-            "image": {"width": int(image.shape[1]), "height": int(image.shape[0]), "format": fmt},
-        }
-        return image, result
+        return response(image, fmt, classes[int(np.argmax(probs))], {c: float(p) for c, p in zip(classes, probs)},
+                        service.predictor.ood_result(score))
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
@@ -319,7 +354,7 @@ def create_app(
     async def predict(file: UploadFile = File(..., description="PNG, JPEG or DICOM chest X-ray")) -> dict[str, Any]:
         """Class probabilities and the out-of-distribution flag for one image."""
         started = time.perf_counter()
-        _, result = await within_deadline(decode_and_predict(file, started), started)
+        result = await within_deadline(decode_and_predict(file), started)
         result["timing_ms"] = (time.perf_counter() - started) * 1000
         return result
 
@@ -338,10 +373,10 @@ def create_app(
             raise ServeError(422, f"unknown target {target!r}: the classes are {', '.join(service.bundle.classes)}")
 
         async def work() -> dict[str, Any]:
-            image, result = await decode_and_predict(file, started)
-            chosen = target or result["label"]
-            maps = await run_in_threadpool(service.explain, image, chosen, method)
-            return {**result, **maps, "target": chosen, "method": method}
+            image, fmt, name = await decode_upload(file)
+            prediction, chosen, pngs = await run_in_threadpool(service.explain, image, name, target, method)
+            return {**response(image, fmt, prediction.label, prediction.probabilities, prediction.ood), **pngs,
+                    "target": chosen, "method": method}
 
         result = await within_deadline(work(), started)
         result["timing_ms"] = (time.perf_counter() - started) * 1000

@@ -43,7 +43,7 @@ def _inference_ms(model_path: Path, paths: Sequence[str], max_images: int = 32) 
 def compare(base: TrainConfig, backbones: Sequence[str], heads: Sequence[str], out: str | Path,
             progress=None, log: Log | None = None) -> list[dict[str, Any]]:
     """Train each pair under ``out/<backbone>-<head>/``; write compare.csv, compare.md and compare.png."""
-    from cxrnn.training.run import train
+    from cxrnn.training import train
 
     log = log or (lambda msg: None)
     out = Path(out)
@@ -109,7 +109,7 @@ def write_compare(rows: list[dict[str, Any]], out: Path, n_boot: int) -> None:
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
-    from cxrnn.evaluation.plots import _save, plt
+    from cxrnn.evaluation.plots import plt, save_figure
 
     metrics = [("accuracy", "accuracy"), ("macro_f1", "macro F1"), ("macro_auc", "macro AUC")]
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows) + 2), 4))
@@ -124,4 +124,4 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("test score (95% CI)")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)

@@ -1,4 +1,10 @@
-"""Training configuration: a dataclass that round-trips through YAML; the CLI only fills it in."""
+"""Training configuration: a dataclass that round-trips through YAML; the CLI only fills it in.
+
+Each field's ``metadata["help"]`` is its one-line description: ``cxrnn train`` builds one option per field
+from it (``cxrnn.cli.options``), so a new field is a new command-line option without a second spelling.
+``metadata["flag"]`` names a boolean's switch when it is not plain ``--name``; ``metadata["cli"] = False``
+keeps a field YAML-only.
+"""
 
 from __future__ import annotations
 
@@ -8,50 +14,70 @@ from typing import Any
 
 import yaml
 
+from cxrnn.audit.duplicates import DEFAULT_ALIGN_THRESHOLD, DEFAULT_THRESHOLD
+from cxrnn.evaluation.bootstrap import DEFAULT_BOOTSTRAP
+from cxrnn.utils.atomic import atomic_write_text
+
 OPTIMIZERS = ("adamw", "adam", "rmsprop", "sgd")
 SCHEDULES = ("constant", "exponential", "cosine")
+PRECISIONS = ("fp32", "bf16")
+
+
+def option(default: Any = None, help: str = "", *, default_factory: Any = None, **metadata: Any) -> Any:
+    """A dataclass field carrying its command-line help (and, optionally, ``flag`` or ``cli=False``)."""
+    meta = {"help": help, **metadata}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainConfig:
-    data: str = ""
-    backbone: str = "efficientnet_lite0"
-    head: str = "bilstm"
-    weights: str = "imagenet"
-    out: str = "runs/train"
-    seed: int = 0
-    test_size: float = 0.2
-    val_size: float = 0.1  # share of the non-test part held out for early stopping
-    folds: int = 0  # k-fold on the non-test part when >= 2
-    group_by: str | None = None  # manifest column (patient_id, source) whose groups never straddle a split
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    lr_schedule: str = "cosine"
-    lr_decay: float = 0.95  # per-epoch factor of the exponential schedule
-    weight_decay: float = 1e-4
-    epochs: int = 40
-    batch_size: int = 32
-    patience: int = 10  # epochs without a better validation loss before stopping; 0 = never stop early
-    finetune: bool = False
-    freeze_rnn: bool = False
-    backbone_lr_scale: float = 0.1  # fine-tuning only: the backbone's lr as a share of the head's
-    rotation: float = 15.0  # degrees of train-time rotation, fine-tuning only (cached features are fixed)
-    head_options: dict[str, Any] = field(default_factory=dict)
-    preset: str | None = None
-    cache_dir: str | None = None
-    feature_dtype: str = "float32"
-    extract_batch_size: int = 16
-    extract_runtime: str = "auto"  # auto, torch or onnx: what runs the frozen backbone (cxrnn.features.extractors)
-    strict: bool = False
-    device: str = "cpu"
-    bootstrap: int = 1000  # bootstrap resamples for the test metrics' 95% intervals (0: none)
-    dedup: bool = True  # keep exact and near-duplicate images on one side of every split
-    near_duplicate_threshold: int = 12  # pHash bits (of 256) within which two images count as copies
-    align_threshold: float = 0.9  # band-pass NCC after alignment for shifted/cropped copies (0: pHash only)
-    leave_one_source_out: bool = False  # also train on all sources but one and test on that one, for each
-    precision: str = "fp32"  # fp32 or bf16 (autocast) for extraction, training and the saved model's default
-    workers: int = 0  # DataLoader processes decoding images
-    image_cache: str | None = None  # folder for decoded images resized to the input size (reused across runs)
+    data: str = option("", "Dataset folder (ROOT/<class>/...) or CSV manifest.")
+    backbone: str = option("efficientnet_lite0", "vgg19, densenet121, inception_v3, inception_resnet_v2, "
+                                                 "efficientnet_lite0 or a timm name.")
+    head: str = option("bilstm", "bilstm, lstm, gru, pool or paper.")
+    weights: str = option("imagenet", "imagenet, none or a local state-dict file.")
+    out: str = option("runs/train", "Run directory.")
+    seed: int = option(0, "Random seed of the split, the head's initialisation and the batches.")
+    test_size: float = option(0.2, "Share held out for testing.")
+    val_size: float = option(0.1, "Share of the non-test part held out for early stopping.")
+    folds: int = option(0, "k-fold cross-validation on the non-test part when >= 2.")
+    group_by: str | None = option(None, "Manifest column (patient_id, source) whose groups never straddle a split.")
+    optimizer: str = option("adamw", ", ".join(OPTIMIZERS[:-1]) + f" or {OPTIMIZERS[-1]}.")
+    lr: float = option(1e-3, "Learning rate (of the head, when fine-tuning).")
+    lr_schedule: str = option("cosine", ", ".join(SCHEDULES[:-1]) + f" or {SCHEDULES[-1]}.")
+    lr_decay: float = option(0.95, "Per-epoch factor of the exponential schedule.")
+    weight_decay: float = option(1e-4, "Weight decay of the optimizer.")
+    epochs: int = option(40, "Most epochs to train.")
+    batch_size: int = option(32, "Training batch size.")
+    patience: int = option(10, "Epochs without a better validation loss before stopping early (0: never).")
+    finetune: bool = option(False, "Train end to end (with augmentation) instead of a head on frozen features.",
+                            flag="--finetune/--frozen")
+    freeze_rnn: bool = option(False, "Keep the paper head's LSTM at random init, as the seed did.")
+    backbone_lr_scale: float = option(0.1, "With --finetune: the backbone's learning rate as a share of the head's.")
+    # Fine-tuning only: cached features of a frozen backbone are fixed, so they cannot be augmented.
+    rotation: float = option(15.0, "With --finetune: degrees of train-time rotation.")
+    head_options: dict[str, Any] = option(help="Head keyword arguments (lstm_units, dense, hidden, ...).",
+                                          default_factory=dict, cli=False)
+    preset: str | None = option(None, "'paper': RMSprop, lr 2e-4*0.95^epoch, batch 16, 20 epochs, paper head.")
+    cache_dir: str | None = option(None, "Feature cache folder (default ~/.cache/cxrnn/features).")
+    feature_dtype: str = option("float32", "float32 or float16 feature store (half the disk and I/O).")
+    extract_batch_size: int = option(16, "Batch size of the feature extraction.")
+    extract_runtime: str = option("auto", "auto (onnxruntime for fp32 on the CPU, else torch), torch or onnx: "
+                                          "what runs the frozen backbone.")
+    strict: bool = option(False, "Stop at the first unreadable file.")
+    device: str = option("cpu", "cpu or cuda; under torchrun each process uses its local GPU.")
+    bootstrap: int = option(DEFAULT_BOOTSTRAP, "Bootstrap resamples for the test metrics' 95% intervals (0: none).")
+    dedup: bool = option(True, "Keep exact and near-duplicate images on one side of every split.")
+    near_duplicate_threshold: int = option(DEFAULT_THRESHOLD, "pHash bits (of 256) within which two images "
+                                                              "count as copies.")
+    align_threshold: float = option(DEFAULT_ALIGN_THRESHOLD, "Band-pass NCC after alignment for shifted, cropped "
+                                                             "or rotated copies (0: pHash only).")
+    leave_one_source_out: bool = option(False, "Also train on all sources but one and test on that one, for each.")
+    precision: str = option("fp32", "fp32 or bf16 autocast for extraction, training and the saved model's default.")
+    workers: int = option(0, "DataLoader processes decoding images (0: in process).")
+    image_cache: str | None = option(None, "Folder caching decoded images at the input size (reused across runs).")
 
     def validate(self) -> "TrainConfig":
         if self.optimizer not in OPTIMIZERS:
@@ -64,7 +90,7 @@ class TrainConfig:
             raise ValueError("val_size must be in [0, 1)")
         if self.folds == 1 or self.folds < 0:
             raise ValueError("folds must be 0 (no k-fold) or >= 2")
-        if self.precision not in ("fp32", "bf16"):
+        if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
         from cxrnn.features.extractors import EXTRACT_RUNTIMES  # here: importing it pulls in torch
 
@@ -82,9 +108,10 @@ class TrainConfig:
         return asdict(self)
 
     def to_yaml(self, path: str | Path | None = None) -> str:
+        """The YAML text; written atomically to ``path`` when given (a reader never sees half a config)."""
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
-            Path(path).write_text(text)
+            atomic_write_text(path, text)
         return text
 
     @classmethod
@@ -129,6 +156,8 @@ def resolve_config(
     file_values: dict[str, Any] = {}
     if config_file is not None:
         file_values = TrainConfig.from_yaml(config_file).to_dict()
+        # A file written by to_yaml lists every field; only those that differ from the defaults may
+        # override the preset, or every saved config would undo the preset it was trained with.
         file_values = {k: v for k, v in file_values.items() if v != getattr(TrainConfig(), k)}
     preset = preset or cli_values.get("preset") or file_values.get("preset")
     values: dict[str, Any] = {}

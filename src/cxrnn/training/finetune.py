@@ -1,19 +1,23 @@
 """``--finetune``: train backbone and head end to end on images, with train-time rotation.
 
-Slower than the cached-feature path (every epoch runs the backbone), so it is opt-in. Under torchrun
-it trains with DistributedDataParallel: a DistributedSampler gives each process its share of every
-global batch (``batch_size`` is the global batch, split across processes), gradients are averaged, and
-validation/test predictions are gathered so every process makes the same early-stopping decision. The backbone's
-BatchNorm layers keep their ImageNet statistics: batches of 16 chest X-rays are too small and too
-uniform to re-estimate them.
+Slower than the cached-feature path (every epoch runs the backbone), so it is opt-in. Only the fit lives
+here; the split before it and the calibration, intervals, model file and report after it are the same
+as for a frozen run (``cxrnn.training.run``).
+
+Under torchrun it trains with DistributedDataParallel: a DistributedSampler gives each process its share
+of every global batch (``batch_size`` is the global batch, split across processes), gradients are
+averaged, and validation/test predictions are gathered so every process makes the same early-stopping
+decision. The backbone's BatchNorm layers keep their ImageNet statistics: batches of 16 chest X-rays are
+too small and too uniform to re-estimate them.
+
+A fine-tuned backbone is a new network: its weights id is derived from its weights' content, so the
+feature store never hands one fine-tuned model the maps of another (``audit --model`` uses the store).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -21,49 +25,64 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from cxrnn.audit.phash import hash_side
 from cxrnn.data.dataset import Dataset
-from cxrnn.data.splits import train_val_test_split
-from cxrnn.evaluation.scoring import write_evaluation
-from cxrnn.evaluation.honest import split_groups
-from cxrnn.evaluation.metrics import compute_metrics
-from cxrnn.evaluation.report import write_report
+from cxrnn.data.io import as_read_error
+from cxrnn.data.loading import DecodedImageCache, ImageFiles, image_loader
+from cxrnn.inference.device import autocast, prepare_module, resolve_device, to_device_input
 from cxrnn.models.backbones import create_backbone
-from cxrnn.models.bundle import ModelBundle, build_network, save_bundle
-from cxrnn.models.preprocess import to_input_tensor
+from cxrnn.models.bundle import build_network
+from cxrnn.models.preprocess import input_transform, to_input_tensor
 from cxrnn.training.config import TrainConfig
-from cxrnn.utils import distributed
-from cxrnn.inference import device as runtime
+from cxrnn.training.frozen import head_options_for
 from cxrnn.training.loop import FitResult, lr_at, make_optimizer
+from cxrnn.training.run import FittedModel, Log, PreparedData, Progress, prepare_data, timer
+from cxrnn.utils import distributed
+from cxrnn.utils.hashing import file_digest
 
 
-def _load_resized(dataset: Dataset, prep, strict: bool, log: Callable[[str], None], workers: int = 0,
-                  image_cache: str | None = None):
-    """Every readable image at the input size (decoded in ``workers`` processes, optionally cached)."""
-    from cxrnn.data.loading import DecodedImageCache, ImageFiles, image_loader
-    from cxrnn.utils.hashing import file_digest
+def fine_tuned_weights_id(net: nn.Module, base: str) -> str:
+    """``finetuned:<base>:<digest of the backbone's weights>``: equal only for equal weights."""
+    from cxrnn.utils.hashing import state_digest
 
-    paths = [s.path for s in dataset.samples]
-    cache = DecodedImageCache(image_cache) if image_cache else None
-    digests = None
-    if cache is not None:
-        digests = []
-        for p in paths:
-            try:
-                digests.append(file_digest(p))
-            except OSError:
-                digests.append(None)  # the reader reports the file below
-    images, kept, errors = [], [], []
-    for batch in image_loader(ImageFiles(paths, prep, digests=digests, cache=cache), 16, workers):
+    return f"finetuned:{base}:{state_digest(net.backbone.state_dict())[:16]}"
+
+
+def _load_resized(paths: list[str], prep, cfg: TrainConfig, log: Log):
+    """Every readable image at the input size (decoded in ``cfg.workers`` processes, optionally cached),
+    with the files' digests and, where an image was decoded, its duplicate hashes."""
+    cache = DecodedImageCache(cfg.image_cache) if cfg.image_cache else None
+    digests: list[str | None] = []
+    errors: list[str] = []
+    for p in paths:
+        try:
+            digests.append(file_digest(p))
+        except OSError as exc:
+            err = as_read_error(p, exc)
+            if cfg.strict:
+                raise err from exc
+            log(f"skipped {err}")
+            errors.append(str(err))
+            digests.append(None)
+    transform, tag = input_transform(prep)
+    readable = [i for i, d in enumerate(digests) if d is not None]
+    files = ImageFiles(paths, transform, tag, positions=readable, digests=digests, cache=cache,
+                       side=hash_side if cfg.dedup else None)
+    images, kept, hashes = [], [], []
+    for batch in image_loader(files, 16, cfg.workers):
         for item in batch:
             if item.error is not None:
-                if strict:
+                if cfg.strict:
                     raise item.error
                 log(f"skipped {item.error}")
                 errors.append(str(item.error))
+                digests[item.index] = None
                 continue
             images.append(item.image)
             kept.append(item.index)
-    return images, kept, errors
+            if item.side is not None:
+                hashes.append(item.side)
+    return images, kept, digests, errors, hashes
 
 
 def _augment(image: np.ndarray, max_degrees: float, seed: int, epoch: int, index: int) -> np.ndarray:
@@ -89,14 +108,14 @@ def _predict(net: nn.Module, images: list[np.ndarray], prep, batch_size: int = 3
              precision: str = "fp32") -> torch.Tensor:
     """Float32 CPU logits; under torchrun each process predicts a share and the shares are gathered."""
     info = distributed.info()
-    dev = runtime.resolve_device(device)
+    dev = resolve_device(device)
     mine = list(range(info.rank, len(images), info.world_size))
     net.eval()
     out = []
-    with torch.inference_mode(), runtime.autocast(dev, precision):
+    with torch.inference_mode(), autocast(dev, precision):
         for start in range(0, len(mine), batch_size):
             x = to_input_tensor([images[i] for i in mine[start : start + batch_size]], prep)
-            out.append(net(runtime.to_device_input(x, dev)).float().cpu())
+            out.append(net(to_device_input(x, dev)).float().cpu())
     logits = torch.cat(out) if out else torch.zeros((0, 0))
     if not info.enabled:
         return logits
@@ -108,36 +127,35 @@ def _predict(net: nn.Module, images: list[np.ndarray], prep, batch_size: int = 3
     return torch.from_numpy(np.stack(merged)) if images else logits
 
 
-def train_finetune(cfg: TrainConfig, dataset: Dataset, run_dir: Path, progress=None, log=None):
-    from cxrnn.training.run import TrainResult, _data_summary, _write_history, group_array
-
+def fit_finetune(cfg: TrainConfig, dataset: Dataset, progress: Progress | None = None, log: Log | None = None
+                 ) -> tuple[PreparedData, FittedModel] | None:
+    """Decode, split and train backbone + head end to end; None on torchrun ranks other than 0."""
     log = log or (lambda msg: None)
-    dist_info = distributed.setup(runtime.resolve_device(cfg.device))
-    device = distributed.local_device(runtime.resolve_device(cfg.device))
+    if cfg.leave_one_source_out:
+        raise ValueError("--leave-one-source-out trains one head per source on cached features; "
+                         "it does not run with --finetune")
+    if cfg.folds:
+        log("--folds is for frozen-backbone runs: fine-tuning uses one validation split")
+    dist_info = distributed.setup(resolve_device(cfg.device))
+    device = distributed.local_device(resolve_device(cfg.device))
     world = dist_info.world_size
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must be a multiple of the "
                          f"{world} processes")
     backbone = create_backbone(cfg.backbone, cfg.weights, seed=cfg.seed)
+    base_weights = backbone.weights_id
     prep = backbone.preprocessing
-    images, kept, skipped = _load_resized(dataset, prep, cfg.strict, log, cfg.workers, cfg.image_cache)
-    labels = dataset.labels()[kept]
-    groups = group_array(dataset, cfg.group_by)
-    groups = groups[kept] if groups is not None else None
-    # Copies of one image must not straddle the split here either (hashes are cached, so every torchrun
-    # process computes the same groups).
-    groups, dedup_info = split_groups([str(dataset.samples[i].path) for i in kept], groups, cfg.dedup,
-                                      cfg.near_duplicate_threshold, cfg.cache_dir, log, cfg.align_threshold)
-    split = train_val_test_split(labels, cfg.test_size, cfg.val_size, cfg.seed, groups)
-    head_options = dict(cfg.head_options)
-    if cfg.head == "paper":
-        head_options.setdefault("lstm_units", backbone.spec.paper_head.lstm_units)
-        head_options.setdefault("dense", list(backbone.spec.paper_head.dense))
-        head_options.setdefault("freeze_rnn", cfg.freeze_rnn)
+    images_all, kept, digests, skipped, hashes = _load_resized([str(s.path) for s in dataset.samples], prep, cfg, log)
+    # Copies of one image must not straddle the split here either (every torchrun process decodes every
+    # image, so each computes the same groups).
+    data = prepare_data(cfg, dataset, kept, digests, skipped, log, val_size=cfg.val_size, hashes=hashes)
+    images = images_all  # position r holds the image of data row r
+    labels, split = data.labels, data.split
+    head_options = head_options_for(backbone, cfg)
     torch.manual_seed(cfg.seed)
     net, hw = build_network(backbone, cfg.head, len(dataset.classes), head_options)
     backbone.requires_grad_(True)
-    runtime.prepare_module(net, device)
+    prepare_module(net, device)
     model: nn.Module = net
     if dist_info.enabled:
         if device.type == "cuda":  # batch statistics over the global batch, as one process would see them
@@ -157,8 +175,12 @@ def train_finetune(cfg: TrainConfig, dataset: Dataset, run_dir: Path, progress=N
     result = FitResult()
     best_state = copy.deepcopy(net.state_dict())
     stale = 0
-    start = time.perf_counter()
+    elapsed = timer()
     y_val = torch.from_numpy(labels[split.val]).long()
+
+    def logits_of(rows: np.ndarray) -> np.ndarray:
+        return _predict(net, [images[i] for i in rows], prep, device=str(device), precision=cfg.precision).numpy()
+
     for epoch in range(cfg.epochs):
         lr = lr_at(epoch, cfg)
         for group in optimizer.param_groups:
@@ -173,8 +195,8 @@ def train_finetune(cfg: TrainConfig, dataset: Dataset, run_dir: Path, progress=N
                 continue  # BatchNorm in the head cannot train on one image (same on every process)
             x = to_input_tensor([_augment(images[i], cfg.rotation, cfg.seed, epoch, int(i)) for i in idx], prep)
             y = torch.from_numpy(labels[idx]).long().to(device)
-            with runtime.autocast(device, cfg.precision):
-                logits = model(runtime.to_device_input(x, device)).float()
+            with autocast(device, cfg.precision):
+                logits = model(to_device_input(x, device)).float()
                 loss = loss_fn(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -185,11 +207,11 @@ def train_finetune(cfg: TrainConfig, dataset: Dataset, run_dir: Path, progress=N
         total, correct, seen = distributed.all_reduce_sum([total, correct, seen])
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": total / max(1, seen), "train_acc": correct / max(1, seen)}
         if len(split.val):
-            logits = _predict(net, [images[i] for i in split.val], prep, device=str(device), precision=cfg.precision)
-            row["val_loss"] = float(loss_fn(logits, y_val))
-            row["val_acc"] = float((logits.argmax(1) == y_val).float().mean())
+            val_logits = torch.from_numpy(logits_of(split.val))
+            row["val_loss"] = float(loss_fn(val_logits, y_val))
+            row["val_acc"] = float((val_logits.argmax(1) == y_val).float().mean())
         monitored = row.get("val_loss", row["train_loss"])
-        row["seconds"] = time.perf_counter() - start
+        row["seconds"] = elapsed()
         result.history.append(row)
         if progress:
             progress("epoch", epoch + 1, cfg.epochs)
@@ -202,32 +224,21 @@ def train_finetune(cfg: TrainConfig, dataset: Dataset, run_dir: Path, progress=N
             break
     net.load_state_dict(best_state)
     net.eval()
-    test_logits = _predict(net, [images[i] for i in split.test], prep, device=str(device), precision=cfg.precision)
+    calibration_logits, test_logits = logits_of(split.val), logits_of(split.test)
+    fit_seconds = elapsed()
     net.to("cpu")
-    test_probs = torch.softmax(test_logits, dim=1).numpy()
     if not dist_info.is_main:  # rank 0 writes the run; the others only helped train
-        return TrainResult(run_dir=run_dir, model_path=run_dir / "model.pt", metrics={}, history=result.history,
-                           timings={"fit_s": time.perf_counter() - start}, skipped=skipped)
-    classes = dataset.classes
-    metrics = compute_metrics(labels[split.test], test_probs, classes)
-    metrics["split"] = {"train": int(len(split.train)), "val": int(len(split.val)), "test": int(len(split.test)),
-                        "seed": cfg.seed, "group_by": cfg.group_by, **dedup_info}
-    test_paths = [str(dataset.samples[kept[i]].path) for i in split.test]
-    write_evaluation(run_dir, labels[split.test], test_probs, classes, test_paths, metrics)
-    weights_id = f"finetuned:{backbone.weights_id}"
-    bundle = ModelBundle(net=net, classes=list(classes), preprocessing=prep, backbone_name=backbone.spec.name,
-                         weights_id=weights_id, head_name=cfg.head, head_options=head_options, feature_hw=hw,
-                         config=cfg.to_dict(),
-                         metrics={k: metrics[k] for k in ("n", "accuracy", "macro_f1", "macro_auc")},
-                         extras={"training_data": _data_summary(dataset, labels, split)})
-    from cxrnn.models.ood import fine_tuned_ood_extras
+        return None
 
-    ood = fine_tuned_ood_extras(net, [images[i] for i in np.concatenate([split.train, split.val])], prep, log)
-    if ood is not None:
-        bundle.extras["ood"] = ood
-    model_path = save_bundle(bundle, run_dir / "model.pt")
-    _write_history(run_dir / "history.csv", result.history)
-    out = TrainResult(run_dir=run_dir, model_path=model_path, metrics=metrics, history=result.history,
-                      timings={"fit_s": time.perf_counter() - start}, skipped=skipped)
-    write_report(run_dir, cfg, out)
-    return out
+    def pooled_features(rows: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        pooled = []
+        with torch.inference_mode():
+            for start in range(0, len(rows), batch_size):
+                fmap = net.backbone(to_input_tensor([images[i] for i in rows[start : start + batch_size]], prep))
+                pooled.append(fmap.mean(dim=(2, 3)).double().numpy())
+        return np.concatenate(pooled) if pooled else np.zeros((0, 0))
+
+    return data, FittedModel(
+        net=net, preprocessing=prep, weights_id=fine_tuned_weights_id(net, base_weights), head_options=head_options,
+        feature_hw=hw, history=result.history, calibration_rows=split.val, calibration_logits=calibration_logits,
+        test_logits=test_logits, pooled_features=pooled_features, timings={"fit_s": fit_seconds})

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxrnn.inference import device as runtime
+from cxrnn.inference.device import autocast, resolve_device
 from cxrnn.features.matrix import FeatureRows
 from cxrnn.training.config import TrainConfig
 
@@ -60,20 +60,14 @@ def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> list
     return list(order.split(batch_size))
 
 
-def evaluate_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    model.eval()
-    with torch.inference_mode():
-        return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else x.new_zeros((0,))
-
-
 def rows_logits(model: nn.Module, rows, batch_size: int = 256, device: str = "cpu",
                 precision: str = "fp32") -> torch.Tensor:
     """Float32 CPU logits for feature rows (array, memmap or FeatureRows), read one batch at a time."""
     rows = rows if isinstance(rows, FeatureRows) else FeatureRows(rows)
-    dev = runtime.resolve_device(device)
+    dev = resolve_device(device)
     model.eval()
     out = []
-    with torch.inference_mode(), runtime.autocast(dev, precision):
+    with torch.inference_mode(), autocast(dev, precision):
         for batch in rows.batches(batch_size):
             out.append(model(torch.from_numpy(batch).to(dev)).float().cpu())
     return torch.cat(out) if out else torch.zeros((0, 0))
@@ -95,7 +89,7 @@ def fit_head(
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    device = runtime.resolve_device(getattr(cfg, "device", "cpu"))
+    device = resolve_device(getattr(cfg, "device", "cpu"))
     precision = getattr(cfg, "precision", "fp32")
     head.to(device)
     xt = x_train if isinstance(x_train, FeatureRows) else FeatureRows(x_train)
@@ -119,7 +113,7 @@ def fit_head(
         for idx in _batches(len(xt), cfg.batch_size, generator):
             if len(idx) < 2 and any(isinstance(m, nn.BatchNorm1d) for m in head.modules()):
                 continue  # BatchNorm cannot train on a batch of one
-            with runtime.autocast(device, precision):
+            with autocast(device, precision):
                 logits = head(torch.from_numpy(xt[idx.numpy()]).to(device))
                 loss = loss_fn(logits.float(), yt[idx])
             optimizer.zero_grad(set_to_none=True)

@@ -1,35 +1,40 @@
-"""``cxrnn train``: dataset -> split -> cached features -> head (or fine-tuning) -> model + metrics.
+"""What every training run shares: the data preparation before the fit and the tail after it.
+
+A run (``cxrnn.training.pipeline.train``) is: read the dataset -> the fitter reads the images (cached
+features or decoded pixels) -> :func:`prepare_data` (duplicate-aware groups, split) -> fit ->
+:func:`finish_run`. The two fitters (``training.frozen`` and ``training.finetune``) differ only in how
+the network is fitted; everything after the fit comes from here, so every run gets the same
+temperature scaling, bootstrap intervals, ECE, reliability diagram, out-of-distribution statistics,
+model file (with what was measured, for the model card), history and report.
 
 Every artefact of a run lands in its run directory: config.yaml, model.pt, history.csv, metrics.json,
-confusion_matrix.png, roc.png, predictions.csv and report.md.
+confusion_matrix.png, roc.png, reliability.png, predictions.csv and report.md.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
-import torch
 
-from cxrnn.data.dataset import Dataset, load_dataset
-from cxrnn.data.splits import kfold, train_val_test_split
-from cxrnn.utils.atomic import atomic_write_text
-from cxrnn.evaluation.scoring import write_evaluation
-from cxrnn.evaluation.honest import add_uncertainty, calibrate, head_logits, leave_one_source_out, report_sections, split_groups
-from cxrnn.evaluation.metrics import compute_metrics
+from cxrnn.audit.duplicates import duplicate_group_ids
+from cxrnn.data.groups import combine_groups
+from cxrnn.data.dataset import Dataset
+from cxrnn.data.splits import Split, train_val_test_split
+from cxrnn.evaluation.calibration import calibrate
 from cxrnn.evaluation.report import write_report
-from cxrnn.features.matrix import FeatureRows
-from cxrnn.features.store import FeatureStore
-from cxrnn.models.backbones import create_backbone
-from cxrnn.models.bundle import ModelBundle, build_network, save_bundle
+from cxrnn.evaluation.scoring import score_predictions, write_evaluation
+from cxrnn.models.bundle import BUNDLE_METRICS, ModelBundle, save_bundle
+from cxrnn.models.network import CxrNet
+from cxrnn.models.ood import ood_extras
+from cxrnn.models.backbones import Preprocessing
 from cxrnn.training.config import TrainConfig
-from cxrnn.training.loop import fit_head, rows_logits
+from cxrnn.utils.atomic import atomic_write_text
 
 # (stage, done, total) -> None; stages: "extract", "epoch", "fold"
 Progress = Callable[[str, int, int], None]
@@ -48,6 +53,46 @@ class TrainResult:
     skipped: list[str] = field(default_factory=list)
 
 
+@dataclass
+class PreparedData:
+    """What a run knows before fitting: the readable images, their labels and the split over them.
+
+    Positions in ``labels``, ``paths`` and the split index the readable images (``kept``), not the dataset.
+    """
+
+    dataset: Dataset
+    kept: list[int]  # dataset positions of the readable images
+    labels: np.ndarray
+    paths: list[str]
+    groups: np.ndarray | None  # manifest groups united with duplicate groups (None: every image alone)
+    split: Split
+    split_info: dict[str, Any]
+    skipped: list[str] = field(default_factory=list)
+
+    def sources(self) -> list[str | None]:
+        return [self.dataset.samples[i].source for i in self.kept]
+
+
+@dataclass
+class FittedModel:
+    """What a fitter hands to the shared tail."""
+
+    net: CxrNet
+    preprocessing: Preprocessing
+    weights_id: str  # identity of the backbone's weights: keys the feature store
+    head_options: dict[str, Any]
+    feature_hw: tuple[int, int]
+    history: list[dict]
+    calibration_rows: np.ndarray  # rows whose logits fit the temperature
+    calibration_logits: np.ndarray
+    test_logits: np.ndarray
+    pooled_features: Callable[[np.ndarray], np.ndarray]  # rows -> (N, C) mean-pooled backbone maps
+    folds: list[dict] = field(default_factory=list)
+    extra_metrics: dict[str, Any] = field(default_factory=dict)  # protocol results (leave-one-source-out)
+    timings: dict[str, float] = field(default_factory=dict)
+    cache: dict[str, int] = field(default_factory=dict)
+
+
 def group_array(dataset: Dataset, column: str | None) -> np.ndarray | None:
     """Group ids for a group-wise split from a manifest column (patient_id, source or any extra column)."""
     if not column:
@@ -61,186 +106,108 @@ def group_array(dataset: Dataset, column: str | None) -> np.ndarray | None:
     return np.array(values)
 
 
-def train(cfg: TrainConfig, progress: Progress | None = None, log: Log | None = None) -> TrainResult:
-    cfg.validate()
-    log = log or (lambda msg: None)
-    run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.to_yaml(run_dir / "config.yaml")
-    timings: dict[str, float] = {}
+def split_groups(paths: Sequence[str], manifest_groups: np.ndarray | None, cfg: TrainConfig, log: Log,
+                 digests: Sequence[str | None] | None = None, hashes: Iterable[Any] = ()
+                 ) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """Groups for the splitter: duplicate groups (exact + near) united with the manifest groups.
 
-    dataset = load_dataset(cfg.data)
-    classes = dataset.classes
-    log(f"{len(dataset)} images, classes {', '.join(classes)}")
-    if cfg.finetune:
-        from cxrnn.training.finetune import train_finetune
+    ``digests`` (the files' sha256) and ``hashes`` (duplicate hashes computed while the fitter decoded
+    the images) spare the duplicate pass reading and decoding every file a second time.
+    """
+    info: dict[str, Any] = {"dedup": cfg.dedup}
+    if not cfg.dedup:
+        return manifest_groups, info
+    ids, report = duplicate_group_ids(paths, cfg.near_duplicate_threshold, cfg.cache_dir,
+                                      align_threshold=cfg.align_threshold, digests=digests, hashes=hashes)
+    n_in_groups = int(sum(len(g) for g in report.groups))
+    info.update(duplicate_groups=len(report.groups), images_in_duplicate_groups=n_in_groups,
+                near_duplicate_threshold=cfg.near_duplicate_threshold, align_threshold=report.align_threshold)
+    if report.groups:
+        log(f"{len(report.groups)} duplicate group(s) ({n_in_groups} images) kept on one side of every split")
+    if not report.groups and manifest_groups is None:
+        return None, info
+    return combine_groups(ids, manifest_groups), info
 
-        return train_finetune(cfg, dataset, run_dir, progress=progress, log=log)
 
-    t0 = time.perf_counter()
-    backbone = create_backbone(cfg.backbone, cfg.weights, seed=cfg.seed)
-    store = FeatureStore(backbone, cfg.cache_dir, dtype=cfg.feature_dtype, precision=cfg.precision,
-                         device=cfg.device, workers=cfg.workers, image_cache=cfg.image_cache,
-                         runtime=cfg.extract_runtime)
-    extracted = store.extract(
-        [s.path for s in dataset.samples],
-        batch_size=cfg.extract_batch_size,
-        progress=(lambda d, t: progress("extract", d, t)) if progress else None,
-        strict=cfg.strict,
-        warn=lambda msg: log(msg),
-    )
-    timings["extract_s"] = time.perf_counter() - t0
-    from cxrnn.utils import distributed
-
-    if not distributed.info().is_main:  # under torchrun the others helped extract; rank 0 trains the head
-        return TrainResult(run_dir, run_dir / "model.pt", {}, [], timings=timings)
-    if extracted.errors:
-        log(f"skipped {len(extracted.errors)} unreadable file(s)")
-    kept = extracted.kept
-    features = extracted.features
+def prepare_data(cfg: TrainConfig, dataset: Dataset, kept: Sequence[int], digests: Sequence[str | None],
+                 skipped: Sequence[str], log: Log, val_size: float, hashes: Iterable[Any] = ()) -> PreparedData:
+    """Labels, groups and the stratified split of the readable images (``digests`` per dataset sample;
+    ``hashes``: duplicate hashes of the images the fitter decoded)."""
+    kept = list(kept)
     labels = dataset.labels()[kept]
     groups = group_array(dataset, cfg.group_by)
     groups = groups[kept] if groups is not None else None
     paths = [str(dataset.samples[i].path) for i in kept]
-    groups, dedup_info = split_groups(paths, groups, cfg.dedup, cfg.near_duplicate_threshold, cfg.cache_dir, log,
-                                      cfg.align_threshold)
+    groups, dedup_info = split_groups(paths, groups, cfg, log, digests=[digests[i] for i in kept], hashes=hashes)
+    split = train_val_test_split(labels, cfg.test_size, val_size, cfg.seed, groups)
+    info = {"train": int(len(split.train)), "val": int(len(split.val)), "test": int(len(split.test)),
+            "seed": cfg.seed, "group_by": cfg.group_by, **dedup_info}
+    return PreparedData(dataset, kept, labels, paths, groups, split, info, list(skipped))
 
-    split = train_val_test_split(labels, cfg.test_size, 0.0 if cfg.folds else cfg.val_size, cfg.seed, groups)
-    hw = (features.shape[-2], features.shape[-1])
-    head_options = dict(cfg.head_options)
-    if cfg.head == "paper":
-        head_options.setdefault("lstm_units", backbone.spec.paper_head.lstm_units)
-        head_options.setdefault("dense", list(backbone.spec.paper_head.dense))
-        head_options.setdefault("freeze_rnn", cfg.freeze_rnn)
 
-    def new_network(seed: int):
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            net, fhw = build_network(backbone, cfg.head, len(classes), head_options)
-        if fhw != hw:
-            raise RuntimeError(f"cached feature maps are {hw}, the network expects {fhw}")
-        return net.freeze_backbone()
-
-    def epoch_progress(row: dict) -> None:
-        if progress:
-            progress("epoch", row["epoch"], cfg.epochs)
-
-    t0 = time.perf_counter()
-    fold_rows: list[dict] = []
-    if cfg.folds:
-        best = None
-        rest = np.concatenate([split.train, split.val])
-        for k, (tr, va) in enumerate(kfold(labels, rest, cfg.folds, cfg.seed, groups)):
-            net = new_network(cfg.seed + k)  # every fold starts fresh: no warm start across folds
-            fit = fit_head(net.head, FeatureRows(features, tr), labels[tr], FeatureRows(features, va), labels[va],
-                           cfg, cfg.seed + k, on_epoch=epoch_progress)
-            val_probs = _probs(net.head, FeatureRows(features, va))
-            test_probs = _probs(net.head, FeatureRows(features, split.test))
-            row = {
-                "fold": k + 1,
-                "n_train": int(len(tr)),
-                "n_val": int(len(va)),
-                "best_epoch": fit.best_epoch,
-                "val_loss": fit.best_val_loss,
-                "val": _summary(compute_metrics(labels[va], val_probs, classes)),
-                "test": _summary(compute_metrics(labels[split.test], test_probs, classes)),
-            }
-            fold_rows.append(row)
-            log(f"fold {k + 1}/{cfg.folds}: val acc {row['val']['accuracy']:.3f}, test acc {row['test']['accuracy']:.3f}")
-            if progress:
-                progress("fold", k + 1, cfg.folds)
-            if best is None or fit.best_val_loss < best[1].best_val_loss:
-                best = (net, fit, k + 1)
-                calibration_idx = va  # the kept fold's validation part fits the temperature
-        net, fit, best_fold = best  # type: ignore[misc]
-        log(f"kept fold {best_fold} (lowest validation loss) as the model")
-    else:
-        net = new_network(cfg.seed)
-        fit = fit_head(net.head, FeatureRows(features, split.train), labels[split.train],
-                       FeatureRows(features, split.val), labels[split.val], cfg, cfg.seed, on_epoch=epoch_progress)
-        calibration_idx = split.val
-    timings["fit_s"] = time.perf_counter() - t0
-
+def finish_run(cfg: TrainConfig, run_dir: Path, data: PreparedData, model: FittedModel, log: Log) -> TrainResult:
+    """The shared tail of every run: temperature, test metrics with intervals and ECE, evaluation files,
+    OOD statistics, model file (with what was measured, for the model card), history and report."""
+    split, labels, classes = data.split, data.labels, data.dataset.classes
     temperature, uncalibrated, test_probs, calibration = calibrate(
-        head_logits(net.head, features, calibration_idx), labels[calibration_idx],
-        head_logits(net.head, features, split.test), labels[split.test])
-    test_paths = [paths[i] for i in split.test]
-    metrics = compute_metrics(labels[split.test], test_probs, classes)
-    metrics["split"] = {"train": int(len(split.train)), "val": int(len(split.val)), "test": int(len(split.test)),
-                        "seed": cfg.seed, "group_by": cfg.group_by, **dedup_info}
+        model.calibration_logits, labels[model.calibration_rows], model.test_logits, labels[split.test])
+    metrics = score_predictions(labels[split.test], test_probs, classes, cfg.bootstrap, cfg.seed)
+    metrics["split"] = data.split_info
     metrics["calibration"] = calibration
-    add_uncertainty(metrics, labels[split.test], test_probs, classes, run_dir, cfg.bootstrap, cfg.seed, uncalibrated)
-    if cfg.leave_one_source_out:
-        metrics["leave_one_source_out"] = leave_one_source_out(
-            [dataset.samples[i].source for i in kept], labels, features, groups, cfg, new_network, classes, log)
-    if fold_rows:
-        metrics["folds"] = fold_rows
-        metrics["cv"] = _fold_stats(fold_rows)
-    write_evaluation(run_dir, labels[split.test], test_probs, classes, test_paths, metrics)
+    metrics.update(model.extra_metrics)
+    if model.folds:
+        metrics["folds"] = model.folds
+        metrics["cv"] = fold_stats(model.folds)
+    write_evaluation(run_dir, labels[split.test], test_probs, classes, [data.paths[i] for i in split.test], metrics,
+                     before=uncalibrated)
 
     bundle = ModelBundle(
-        net=net,
+        net=model.net,
         classes=list(classes),
-        preprocessing=backbone.preprocessing,
-        backbone_name=backbone.spec.name,
-        weights_id=backbone.weights_id,
+        preprocessing=model.preprocessing,
+        backbone_name=model.net.backbone.spec.name,
+        weights_id=model.weights_id,
         head_name=cfg.head,
-        head_options=head_options,
-        feature_hw=hw,
+        head_options=model.head_options,
+        feature_hw=model.feature_hw,
         config=cfg.to_dict(),
         temperature=temperature,
-        metrics={k: metrics[k] for k in ("n", "accuracy", "macro_f1", "macro_auc") if k in metrics},
-        extras={"training_data": _data_summary(dataset, labels, split)},
+        metrics={k: metrics[k] for k in BUNDLE_METRICS if k in metrics},
+        extras={"training_data": _data_summary(data)},
     )
-    from cxrnn.models.ood import ood_extras
-
     # The gate's statistics come from every image the model was fitted on, never from the test split.
-    ood = ood_extras(features, np.concatenate([split.train, split.val]), log)
+    ood = ood_extras(model.pooled_features(np.concatenate([split.train, split.val])), log)
     if ood is not None:
         bundle.extras["ood"] = ood
     model_path = save_bundle(bundle, run_dir / "model.pt")
-    _write_history(run_dir / "history.csv", fit.history)
-    result = TrainResult(
-        run_dir=run_dir,
-        model_path=model_path,
-        metrics=metrics,
-        history=fit.history,
-        folds=fold_rows,
-        timings=timings,
-        cache={"cached": extracted.n_cached, "computed": extracted.n_computed},
-        skipped=[str(e) for e in extracted.errors],
-    )
-    write_report(run_dir, cfg, result, extra_sections=report_sections(metrics))
+    write_history(run_dir / "history.csv", model.history)
+    result = TrainResult(run_dir=run_dir, model_path=model_path, metrics=metrics, history=model.history,
+                         folds=model.folds, timings=model.timings, cache=model.cache, skipped=data.skipped)
+    write_report(run_dir, cfg, result)
     return result
 
 
-def _probs(head: torch.nn.Module, features) -> np.ndarray:
-    """Class probabilities for feature maps (array or lazy FeatureRows), computed batch by batch."""
-    logits = rows_logits(head, features)
-    return torch.softmax(logits, dim=1).numpy() if len(features) else np.zeros((0, 0))
-
-
-def _summary(m: dict[str, Any]) -> dict[str, Any]:
-    return {k: m[k] for k in ("n", "accuracy", "macro_f1", "macro_auc")}
-
-
-def _fold_stats(rows: list[dict]) -> dict[str, Any]:
+def fold_stats(rows: list[dict]) -> dict[str, Any]:
+    """Mean and sample standard deviation of the folds' validation and test scores."""
     stats: dict[str, Any] = {}
     for part in ("val", "test"):
         for key in ("accuracy", "macro_f1", "macro_auc"):
             values = [r[part][key] for r in rows if r[part][key] is not None]
             if values:
-                stats[f"{part}_{key}"] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+                stats[f"{part}_{key}"] = {"mean": float(np.mean(values)),
+                                          "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
     return stats
 
 
-def _data_summary(dataset: Dataset, labels: np.ndarray, split) -> dict[str, Any]:
-    counts = {c: int((labels == i).sum()) for i, c in enumerate(dataset.classes)}
-    return {"root": str(dataset.root), "n_images": int(len(labels)), "per_class": counts,
-            "n_train": int(len(split.train)), "n_val": int(len(split.val)), "n_test": int(len(split.test))}
+def _data_summary(data: PreparedData) -> dict[str, Any]:
+    counts = {c: int((data.labels == i).sum()) for i, c in enumerate(data.dataset.classes)}
+    return {"root": str(data.dataset.root), "n_images": int(len(data.labels)), "per_class": counts,
+            "n_train": int(len(data.split.train)), "n_val": int(len(data.split.val)),
+            "n_test": int(len(data.split.test))}
 
 
-def _write_history(path: Path, history: list[dict]) -> None:
+def write_history(path: Path, history: list[dict]) -> None:
+    """history.csv: one row per epoch, columns in first-seen order."""
     buf = io.StringIO()
     if history:
         columns = list(dict.fromkeys(k for row in history for k in row))
@@ -250,5 +217,7 @@ def _write_history(path: Path, history: list[dict]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def load_metrics(run_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(run_dir) / "metrics.json").read_text())
+def timer() -> Callable[[], float]:
+    """Seconds since the call, for the run's timings."""
+    start = time.perf_counter()
+    return lambda: time.perf_counter() - start

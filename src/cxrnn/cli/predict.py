@@ -1,0 +1,100 @@
+"""Scoring commands: ``cxrnn predict`` (labels for images, optionally with their maps) and ``cxrnn evaluate``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from cxrnn.cli.common import app, console, fail, out_console, print_metrics, progress_bars, warn
+from cxrnn.evaluation.bootstrap import DEFAULT_BOOTSTRAP
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Argument(..., help="model.pt of a run."),
+    data: str = typer.Option(..., help="Dataset folder or CSV manifest with the model's classes."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: eval/ next to the model)."),
+    bootstrap: int = typer.Option(DEFAULT_BOOTSTRAP, help="Bootstrap resamples for the 95% intervals (0: none)."),
+) -> None:
+    """Score a model on a labelled dataset: metrics.json (95% intervals, ECE), confusion, ROC and reliability plots."""
+    from cxrnn.data.dataset import load_dataset
+    from cxrnn.evaluation.scoring import evaluate_to_dir
+    from cxrnn.models.bundle import load_bundle
+
+    out_dir = out or model.parent / "eval"
+    try:
+        bundle = load_bundle(model)
+        dataset = load_dataset(data, classes=bundle.classes)
+        with progress_bars() as bars:
+            result = evaluate_to_dir(bundle, dataset, out_dir, n_boot=bootstrap,
+                                     progress=lambda d, t: bars("evaluate", d, t))
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    for err in result.errors:
+        warn(f"skipped {err}")
+    print_metrics(result.metrics, title=f"evaluation on {data}")
+    out_console.print(f"wrote {out_dir / 'metrics.json'}")
+
+
+@app.command()
+def predict(
+    model: Path = typer.Argument(..., help="model.pt of a run."),
+    paths: List[Path] = typer.Argument(..., help="Image files or folders."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per image on stdout."),
+    batch_size: int = typer.Option(16),
+    strict: bool = typer.Option(False, "--strict", help="Exit with an error at the first unreadable file."),
+    runtime: str = typer.Option("torch", help="torch or onnx (onnxruntime; the model is exported on the fly)."),
+    device: str = typer.Option("cpu", help="cpu or cuda (torch runtime)."),
+    precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast; torch runtime)."),
+    cam: Optional[Path] = typer.Option(None, "--cam", help="Also write Grad-CAM maps (overlay, panel, .npy) to this folder."),
+) -> None:
+    """Classify images: the label and every class probability per image."""
+    from cxrnn.data.dataset import list_image_files
+    from cxrnn.inference.predictor import Prediction, Predictor
+
+    try:
+        predictor = Predictor.from_file(model, batch_size=batch_size, runtime=runtime, device=device,
+                                        precision=precision)
+        files = list_image_files(paths)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    if not files:
+        fail("no image files found in " + ", ".join(map(str, paths)))
+    failures = 0
+
+    def show(p: Prediction) -> None:
+        nonlocal failures
+        if p.error is not None:
+            failures += 1
+            if strict:
+                fail(p.error)
+        if as_json:
+            print(json.dumps(p.to_dict()), flush=True)
+        elif p.error is not None:
+            warn(f"skipped {p.error}")
+        else:
+            probs = "  ".join(f"{c} {v:.3f}" for c, v in p.probabilities.items())  # type: ignore[union-attr]
+            flag = ("  [bold red]OUT OF DISTRIBUTION[/bold red]" if p.ood["flagged"] else "") if p.ood else ""
+            out_console.print(f"{p.path}: [bold]{p.label}[/bold]  ({probs}){flag}", highlight=False)
+
+    index = None
+    if cam is None:
+        for start in range(0, len(files), batch_size):  # print as each batch is done, not at the end
+            for p in predictor.predict_paths(files[start : start + batch_size]):
+                show(p)
+    else:
+        from cxrnn.explain.folder import predict_and_explain_to_dir
+
+        try:
+            index = predict_and_explain_to_dir(predictor, files, cam, on_prediction=show)
+        except (ValueError, FileNotFoundError) as exc:
+            fail(str(exc))
+    if failures:
+        console.print(f"{failures} of {len(files)} file(s) could not be read", highlight=False)
+    if index is not None:
+        from cxrnn.cli.explain import maps_summary
+
+        console.print(maps_summary(index, cam), highlight=False)

@@ -1,0 +1,235 @@
+"""DICOM pixels to the reader's grey [0, 1] image: modality LUT, VOI (LUT or window), MONOCHROME1, colour.
+
+The file's own VOI decides what is shown, as a viewer would show it; the window is applied by a float32
+path about 10x faster than pydicom's (``_window_normalised``), with the same numbers. Only the first frame
+of a multi-frame file is decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cxrnn.data.errors import ImageReadError, check_size, minmax_unit, one_line
+
+if TYPE_CHECKING:  # pydicom is imported when a DICOM file is read, not with the reader
+    from pydicom import Dataset
+
+DICOM_MAGIC_OFFSET = 128  # "DICM" follows the free-form 128-byte preamble
+
+
+def has_dicom_preamble(head: bytes) -> bool:
+    """Whether ``head`` (the file's first bytes) carries the DICM magic after the preamble."""
+    return head[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM"
+
+
+def read_dicom(data: bytes, label: Path) -> np.ndarray:
+    """Decode a DICOM file's bytes (``label`` names it in errors) to float32 grey [0, 1], bone bright."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    has_preamble = has_dicom_preamble(data)
+    try:
+        with warnings.catch_warnings():
+            # pydicom warns about every oddity it tolerates; the caller gets
+            # either an image or one ImageReadError, not a stream of warnings.
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
+    except Exception as exc:
+        raise ImageReadError(label, f"unreadable DICOM ({one_line(exc)})") from None
+
+    _ensure_transfer_syntax(ds)
+    try:
+        if "PixelData" not in ds:
+            raise ImageReadError(label, "unreadable DICOM (no pixel data)")
+        rows = int(ds.Rows)
+        cols = int(ds.Columns)
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    except ImageReadError:
+        raise
+    except Exception as exc:  # missing Rows/Columns or unparsable header values
+        raise ImageReadError(label, f"unreadable DICOM ({one_line(exc)})") from None
+
+    check_size(label, cols, rows)
+
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if frames > 1:
+            # Decode only the first frame instead of the whole cine loop.
+            ds.pixel_array_options(index=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = ds.pixel_array
+    except Exception as exc:
+        raise ImageReadError(
+            label, f"unreadable DICOM (cannot decode pixel data: {one_line(exc)})"
+        ) from None
+    if frames > 1 and arr.ndim >= 3 and arr.shape[0] == frames:
+        arr = arr[0]  # a decoder that ignored the frame index
+
+    if arr.ndim == 3:
+        return _dicom_colour_to_grey(arr, ds, photometric, label)
+    if arr.ndim != 2:
+        raise ImageReadError(label, f"unreadable DICOM (unexpected pixel shape {arr.shape})")
+    if arr.size == 0 or arr.min() == arr.max():
+        raise ImageReadError(label, "blank image (constant pixel value)")
+
+    try:
+        values = apply_modality_lut(arr, ds)
+    except Exception:
+        values = arr  # a broken rescale is better ignored than fatal
+    img = _apply_voi_normalised(values, ds)
+    if img is None:
+        img = minmax_unit(values, label)
+    if photometric == "MONOCHROME1":
+        # MONOCHROME1 stores bone dark; the model expects bone bright.
+        np.subtract(1.0, img, out=img)
+    return img
+
+
+def _ensure_transfer_syntax(ds) -> None:
+    # Old files without a file meta header carry no Transfer Syntax UID, and
+    # pydicom then refuses to decode; the encoding it detected while parsing
+    # is uncompressed by definition, so name that syntax explicitly.
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None or little is None:
+        return
+    if implicit:
+        uid = ImplicitVRLittleEndian
+    else:
+        uid = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = uid
+
+
+def _apply_voi_normalised(values: np.ndarray, ds) -> np.ndarray | None:
+    """Apply the file's VOI (LUT or window) and scale its output range to [0, 1].
+
+    Returns None when there is no usable VOI, so the caller falls back to the
+    data's own min-max.
+    """
+    from pydicom.pixels import apply_voi, apply_voi_lut
+
+    seq = ds.get("VOILUTSequence")
+    has_lut = bool(seq) and None not in (
+        seq[0].get("LUTDescriptor"),
+        seq[0].get("LUTData"),
+    )
+    has_window = None not in (ds.get("WindowCenter"), ds.get("WindowWidth"))
+    if not (has_lut or has_window):
+        return None
+
+    try:
+        if has_lut:
+            # apply_voi_lut prefers the LUT over the window when both exist;
+            # the LUT's own entries define its output range.
+            if not np.issubdtype(values.dtype, np.integer):
+                values = np.rint(values).astype(np.int64)
+            out = apply_voi_lut(values, ds)
+            first, count = _lut_span(seq[0])
+            entries = apply_voi(np.arange(first, first + count), ds)
+            lo, hi = float(entries.min()), float(entries.max())
+        else:
+            window = _window_normalised(values, ds)
+            if window is not None:
+                return window if window.min() != window.max() else None
+            out = apply_voi_lut(values, ds)
+            lo, hi = window_output_range(ds)
+    except Exception:
+        return None  # malformed window/LUT values: use min-max instead
+
+    if not hi > lo:
+        return None
+    img = np.asarray(out, dtype=np.float32)
+    img -= lo
+    img *= 1.0 / (hi - lo)
+    np.clip(img, 0.0, 1.0, out=img)
+    if img.min() == img.max():
+        # The window misses the data entirely (everything clipped to one end);
+        # showing the data min-max is more useful than a blank image.
+        return None
+    return img
+
+
+def _window_normalised(values: np.ndarray, ds) -> np.ndarray | None:
+    """The first VOI window, already scaled to [0, 1], in float32: the same numbers as pydicom's
+    apply_windowing followed by the output-range scaling below, but about 10x faster (pydicom works in
+    float64 with boolean masks; a 2k x 2k radiograph took 51 ms there). None for a VOI function or
+    width this does not cover: the caller then uses pydicom."""
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    center, width = _first_value(ds.WindowCenter), _first_value(ds.WindowWidth)
+    if function == "LINEAR" and width > 1:
+        center, width = center - 0.5, width - 1.0  # PS3.3 C.11.2.1.2.1
+    elif function not in ("LINEAR_EXACT", "SIGMOID") or width <= 0:
+        return None
+    img = np.subtract(np.asarray(values, dtype=np.float32), np.float32(center))
+    if function == "SIGMOID":  # 1 / (1 + exp(-4 (x - c) / w))
+        img *= np.float32(-4.0 / width)
+        np.exp(img, out=img)
+        img += 1.0
+        return np.reciprocal(img, out=img)
+    img *= np.float32(1.0 / width)
+    img += 0.5
+    return np.clip(img, 0.0, 1.0, out=img)
+
+
+def _first_value(value) -> float:
+    """A DICOM multi-valued window (several alternative views) means its first view, as in pydicom."""
+    from pydicom.multival import MultiValue
+
+    return float(value[0]) if isinstance(value, (MultiValue, list, tuple)) else float(value)
+
+
+def _lut_span(item) -> tuple[int, int]:
+    desc = [int(v) for v in item.LUTDescriptor]
+    count = desc[0] or 2**16
+    return desc[1], count
+
+
+def window_output_range(ds: Dataset) -> tuple[float, float]:
+    """The range pydicom's windowing maps a window onto, for scaling its output to [0, 1]."""
+    # Mirrors pydicom.pixels.apply_windowing, which maps the window onto the
+    # full range of the (rescaled) stored values rather than onto [0, 1].
+    bits_stored = int(ds.BitsStored)
+    if ds.get("ModalityLUTSequence"):
+        y_min, y_max = 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    elif int(ds.PixelRepresentation) == 0:
+        y_min, y_max = 0.0, float(2**bits_stored - 1)
+    else:
+        y_min, y_max = float(-(2 ** (bits_stored - 1))), float(2 ** (bits_stored - 1) - 1)
+    slope = ds.get("RescaleSlope")
+    intercept = ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None:
+        y_min = y_min * float(slope) + float(intercept)
+        y_max = y_max * float(slope) + float(intercept)
+    return min(y_min, y_max), max(y_min, y_max)
+
+
+def _dicom_colour_to_grey(arr: np.ndarray, ds, photometric: str, label: Path) -> np.ndarray:
+    from pydicom.pixels import apply_color_lut
+
+    if arr.shape[-1] != 3:
+        raise ImageReadError(label, f"unreadable DICOM (unexpected pixel shape {arr.shape})")
+    if photometric == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+    # pydicom already converts YBR to RGB; ITU-R 601 luma as for PIL images.
+    grey = arr.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    if np.issubdtype(arr.dtype, np.integer):
+        bits = int(ds.get("BitsStored", arr.dtype.itemsize * 8))
+        if photometric == "PALETTE COLOR":
+            bits = arr.dtype.itemsize * 8
+        if grey.min() == grey.max():
+            raise ImageReadError(label, "blank image (constant pixel value)")
+        return np.clip(grey * (1.0 / float(2**bits - 1)), 0.0, 1.0)
+    return minmax_unit(grey, label)
