@@ -107,6 +107,9 @@ def test_command_line_beats_config_file_beats_preset(captured, tmp_path):
 def test_train_without_data_names_the_option(captured):
     result = runner.invoke(app, ["train", "--epochs", "1"])
     assert result.exit_code == 2 and "--data is required" in result.output and not captured
+    assert result.output.count("error:") == 1  # one line, not a second one for the exit itself
+    bad = runner.invoke(app, ["train", "--data", "d", "--optimizer", "lion"])
+    assert bad.exit_code == 2 and "lion" in bad.output and bad.output.count("error:") == 1 and not captured
 
 
 def test_compare_takes_its_training_options_from_the_config_file(tmp_path, monkeypatch):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 
 from cxrnn.training.config import PRESETS, TrainConfig, resolve_config
@@ -12,12 +14,26 @@ def test_align_threshold_default_is_the_audit_default() -> None:
     assert TrainConfig().align_threshold == DEFAULT_ALIGN_THRESHOLD
 
 
+def test_the_other_library_defaults_are_the_libraries_constants() -> None:
+    from cxrnn.audit.duplicates import DEFAULT_THRESHOLD
+    from cxrnn.evaluation.bootstrap import DEFAULT_BOOTSTRAP
+
+    assert TrainConfig().near_duplicate_threshold == DEFAULT_THRESHOLD
+    assert TrainConfig().bootstrap == DEFAULT_BOOTSTRAP
+
+
+def test_every_field_carries_its_command_line_help() -> None:
+    for f in fields(TrainConfig):
+        assert f.metadata.get("help", "").strip(), f"TrainConfig.{f.name} has no help text"
+
+
 def test_yaml_round_trip_keeps_every_option(tmp_path) -> None:
     cfg = TrainConfig(data="d", backbone="vgg19", head="paper", folds=5, lr=3e-4, head_options={"lstm_units": 64},
                       group_by="patient_id", freeze_rnn=True)
     path = tmp_path / "config.yaml"
-    cfg.to_yaml(path)
+    assert cfg.to_yaml(path) == path.read_text()
     assert TrainConfig.from_yaml(path) == cfg
+    assert list(tmp_path.iterdir()) == [path]  # written through a temp file that is renamed, none left behind
 
 
 def test_precedence_defaults_preset_file_cli(tmp_path) -> None:

@@ -14,8 +14,20 @@ from rich.table import Table
 
 from cxrnn.cli.common import app, fail, fmt, log, out_console, print_metrics, progress_bars
 from cxrnn.cli.options import config_default, config_help, with_config_options
+from cxrnn.training.config import TrainConfig, resolve_config
 
 CONFIG_HELP = "YAML file with any of these options (a run's config.yaml works)."
+
+
+def resolved(options: dict[str, Any], config: Path | None) -> TrainConfig:
+    """The run's TrainConfig (defaults < preset < config file < command line), or an error line and exit 2."""
+    try:
+        cfg = resolve_config(options, config)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    if not cfg.data:
+        fail("--data is required (here or in --config)")
+    return cfg
 
 
 @app.command()
@@ -68,14 +80,11 @@ def extract(
 @with_config_options()
 def train(config: Optional[Path] = typer.Option(None, help=CONFIG_HELP), **options: Any) -> None:
     """Train a CNN->RNN model; writes config.yaml, model.pt, history.csv, metrics.json, plots, report.md."""
-    from cxrnn.training.config import resolve_config
     from cxrnn.training import train as run_train
     from cxrnn.utils import distributed
 
+    cfg = resolved(options, config)
     try:
-        cfg = resolve_config(options, config)
-        if not cfg.data:
-            fail("--data is required (here or in --config)")
         with progress_bars() as bars:
             result = run_train(cfg, progress=bars, log=log)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
@@ -97,12 +106,9 @@ def compare(
 ) -> None:
     """Train every backbone x head pair on the same split; write compare.md, compare.csv and compare.png."""
     from cxrnn.training.compare import compare as run_compare
-    from cxrnn.training.config import resolve_config
 
+    cfg = resolved(options, config)
     try:
-        cfg = resolve_config(options, config)
-        if not cfg.data:
-            fail("--data is required (here or in --config)")
         with progress_bars() as bars:
             rows = run_compare(cfg, [b.strip() for b in backbones.split(",") if b.strip()],
                                [h.strip() for h in heads.split(",") if h.strip()], out, progress=bars, log=log)

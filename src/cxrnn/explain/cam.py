@@ -5,9 +5,10 @@ the classifier, the RNN head and the reshape of the feature map into a sequence,
 target layer. Maps come back at the original image's resolution and aspect: the model input is a plain
 resize of the whole image to SxS (no crop), so undoing it is a resize of the map back to (H, W).
 
-The forward pass behind a map is the model's prediction too: ``CamResult`` carries the calibrated
-probabilities and the out-of-distribution score of that pass, computed as the inference graph computes
-them. ``predict_and_explain`` uses them instead of a second forward pass where they are the same numbers.
+The backbone pass behind a map serves the prediction too: ``CamResult`` carries the calibrated
+probabilities and the out-of-distribution score computed from that pass's feature map as the inference
+graph computes them. ``predict_and_explain`` uses them instead of a second forward pass where they are
+the same numbers.
 """
 
 from __future__ import annotations
@@ -106,10 +107,10 @@ class Explanation:
 
 @dataclass
 class CamResult:
-    """One image's CAM pass: the map, and the prediction of the same forward pass.
+    """One image's CAM pass: the map, and the prediction from the same backbone pass.
 
-    ``probabilities`` is softmax(logits / temperature) and ``ood_score`` the Mahalanobis distance of the
-    backbone map's spatial mean, the same operations as ``cxrnn.inference.graph.InferenceModule``.
+    ``probabilities`` is softmax(head(map) / temperature) and ``ood_score`` the Mahalanobis distance of the
+    backbone map's spatial mean: the operations of ``cxrnn.inference.graph.InferenceModule``.
     """
 
     cam: np.ndarray  # float32 (H, W) in [0, 1] at the image's own size
@@ -173,7 +174,7 @@ class CamExplainer:
         self._cam = cam_cls(model=bundle.net, target_layers=[self.layer])
         self._ood = MahalanobisScore(OodStats.from_extras(bundle.extras), bundle.net.backbone.spec.feature_channels)
         self._temperature = torch.tensor(float(bundle.temperature))  # a tensor, as in the inference graph
-        self._pooled: torch.Tensor | None = None
+        self._feature_map: torch.Tensor | None = None
         self._handles = self._gate_hooks()
 
     def _gate_hooks(self) -> list[Any]:
@@ -199,13 +200,13 @@ class CamExplainer:
             handles.append(self.layer.register_forward_hook(gated(_differentiable_output), prepend=True))
         recorder.handles += [self.layer.register_forward_hook(gated(recorder.save_activation)),
                              self.layer.register_forward_hook(gated(recorder.save_gradient))]
-        handles.append(self.bundle.net.backbone.register_forward_hook(gated(self._keep_pooled)))
+        handles.append(self.bundle.net.backbone.register_forward_hook(gated(self._keep_feature_map)))
         return handles
 
-    def _keep_pooled(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+    def _keep_feature_map(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
         # Only the first pass of a call is the image itself; ScoreCAM's masked passes come after it.
-        if self._pooled is None:
-            self._pooled = output.detach().mean(dim=(2, 3))
+        if self._feature_map is None:
+            self._feature_map = output.detach()
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> "CamExplainer":
@@ -273,26 +274,37 @@ class CamExplainer:
                 targets = [p if t is None else t for t, p in zip(targets, predicted)]
             cam_targets = [ClassifierOutputTarget(int(t)) for t in targets]
         recorder = self._cam.activations_and_grads
-        self._pooled = None
+        self._feature_map = None
         recorder.recording = True
         try:
             with self._rnn_backward_allowed():
                 maps = self._cam(input_tensor=x, targets=cam_targets)
-            logits, pooled = self._cam.outputs.detach(), self._pooled
+            explained_logits, fmap = self._cam.outputs.detach(), self._feature_map
         finally:
             # The library keeps the last batch's activations, gradients and output graph alive: drop them now.
             recorder.recording = False
             recorder.clear()
             self._cam.outputs = None
-            self._pooled = None
-        with torch.inference_mode():
-            probs = torch.softmax(logits / self._temperature.to(logits.device), dim=1)
-            scores = self._ood.to(pooled.device)(pooled)
-        probs_np, scores_np = _float32_numpy(probs), _float32_numpy(scores)
+            self._feature_map = None
         if cam_targets is None:
-            targets = logits.argmax(dim=1).tolist()
+            targets = explained_logits.argmax(dim=1).tolist()
+        probs_np, scores_np = self._predict_from_feature_map(fmap)
         return [CamResult(resize_map(m, img.shape[:2]), p, int(t), float(s))
                 for m, img, p, t, s in zip(maps, images, probs_np, targets, scores_np)]
+
+    def _predict_from_feature_map(self, fmap: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, OOD scores) from the pass's backbone map, as the inference graph computes them.
+
+        The head runs again, in inference mode: under autograd the recurrent kernels differ from the
+        inference ones in the last bits, and the head is a small share of the pass next to the backbone.
+        (So for target None the map explains the autograd pass's top class; only a tie within ~1e-6 of
+        the logits could make that another class than the label reported.)
+        """
+        with torch.inference_mode():
+            logits = self.bundle.net.head(fmap)
+            probs = torch.softmax(logits / self._temperature.to(logits.device), dim=1)
+            scores = self._ood.to(fmap.device)(fmap.mean(dim=(2, 3)))
+        return _float32_numpy(probs), _float32_numpy(scores)
 
     def _rnn_backward_allowed(self) -> contextlib.AbstractContextManager:
         # cuDNN RNNs refuse backward in eval mode; the native kernels do not (CPU never uses cuDNN).

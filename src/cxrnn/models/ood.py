@@ -139,7 +139,6 @@ class MahalanobisScore(nn.Module):
 
     def __init__(self, stats: OodStats | None, channels: int):
         super().__init__()
-        self.enabled = stats is not None
         mean = stats.mean if stats is not None else np.zeros(channels)
         precision = stats.precision if stats is not None else np.zeros((channels, channels))
         self.register_buffer("mean", torch.from_numpy(np.asarray(mean, dtype=np.float32)))

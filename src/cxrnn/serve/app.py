@@ -23,7 +23,7 @@ import warnings
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Optional
 
 import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
@@ -33,6 +33,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cxrnn.data.io import ImageReadError, read_image, sniff_format
 from cxrnn.models.bundle import load_bundle
@@ -96,12 +97,12 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 503, 5
 class BodyLimitMiddleware:
     """Refuses bodies over ``max_bytes`` from Content-Length up front, and while streaming without it."""
 
-    def __init__(self, app, max_bytes: int, limit_text: str):
+    def __init__(self, app: ASGIApp, max_bytes: int, limit_text: str):
         self.app = app
         self.max_bytes = max_bytes
         self.limit_text = limit_text
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
@@ -110,7 +111,7 @@ class BodyLimitMiddleware:
             return await JSONResponse({"error": too_large.detail}, status_code=413)(scope, receive, send)
         seen = 0
 
-        async def limited_receive():
+        async def limited_receive() -> Message:
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
@@ -263,7 +264,7 @@ def create_app(
     max_bytes = int(max_mb * 1_000_000)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         service.close()
 
@@ -296,7 +297,7 @@ def create_app(
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return JSONResponse({"error": "internal error (logged on the server)"}, status_code=500)
 
-    async def within_deadline(coro, started: float):
+    async def within_deadline(coro: Awaitable[Any], started: float) -> Any:
         remaining = timeout_s - (time.perf_counter() - started)
         try:
             return await asyncio.wait_for(coro, timeout=max(remaining, 1e-6))
