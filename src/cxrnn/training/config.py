@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from cxrnn.audit.duplicates import DEFAULT_ALIGN_THRESHOLD, DEFAULT_THRESHOLD
+from cxrnn.audit.thresholds import DEFAULT_ALIGN_THRESHOLD, DEFAULT_THRESHOLD
 from cxrnn.evaluation.bootstrap import DEFAULT_BOOTSTRAP
 from cxrnn.utils.atomic import atomic_write_text
 

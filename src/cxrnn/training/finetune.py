@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable
-
 import numpy as np
 import torch
 from scipy import ndimage
