@@ -16,8 +16,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from cxrnn.data.io import ImageReadError, read_image
+from cxrnn.data.io import ImageReadError, as_read_error, read_image
 from cxrnn.utils.atomic import atomic_write
+from cxrnn.utils.hashing import file_digest
 
 # A decoded grey [0,1] image -> what the consumer wants (e.g. resized to a backbone's input); it runs in
 # the DataLoader workers, so it must be picklable (a module-level function or a functools.partial).
@@ -25,6 +26,25 @@ Transform = Callable[[np.ndarray], np.ndarray]
 # Something else computed from the full decoded image while it is in memory (e.g. duplicate hashes), so
 # that a command needing the image twice decodes it once; also runs in the workers.
 SideComputation = Callable[[np.ndarray, "str | None"], Any]
+
+
+def digest_files(paths: Sequence[str | Path], strict: bool, warn: Callable[[str], None]
+                 ) -> tuple[list[str | None], list[ImageReadError]]:
+    """Each file's sha256 (None where it cannot be read, with one ``skipped`` warning, or the error
+    raised when ``strict``): computed once per command and handed to every cache that needs it."""
+    digests: list[str | None] = []
+    errors: list[ImageReadError] = []
+    for p in paths:
+        try:
+            digests.append(file_digest(p))
+        except OSError as exc:
+            err = as_read_error(p, exc)
+            if strict:
+                raise err from exc
+            warn(f"skipped {err}")
+            errors.append(err)
+            digests.append(None)
+    return digests, errors
 
 
 class DecodedImageCache:

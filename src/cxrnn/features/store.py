@@ -26,14 +26,13 @@ import torch
 
 from cxrnn.utils import distributed
 from cxrnn.utils.atomic import atomic_write, atomic_write_bytes
-from cxrnn.data.io import ImageReadError, as_read_error
+from cxrnn.data.io import ImageReadError
 from cxrnn.utils.cache import default_cache_dir
-from cxrnn.utils.hashing import file_digest
 from cxrnn.features.extractors import check_extract_runtime, make_extractor
 from cxrnn.features.matrix import matrix_key, open_matrix, write_matrix
 from cxrnn.models.backbones import Backbone
 from cxrnn.models.preprocess import input_transform, to_input_tensor
-from cxrnn.data.loading import DecodedImageCache, ImageFiles, SideComputation, image_loader
+from cxrnn.data.loading import DecodedImageCache, ImageFiles, SideComputation, digest_files, image_loader
 from cxrnn.inference.device import check_precision, resolve_device
 
 STORE_VERSION = 1
@@ -102,18 +101,7 @@ class FeatureStore:
         already in the store are not decoded); its results come back in ``FeatureSet.side``.
         """
         warn = warn or (lambda msg: print(msg, file=sys.stderr))
-        digests: list[str | None] = []
-        errors: list[ImageReadError] = []
-        for p in paths:
-            try:
-                digests.append(file_digest(p))
-            except OSError as exc:
-                err = as_read_error(p, exc)
-                if strict:
-                    raise err from exc
-                warn(f"skipped {err}")
-                errors.append(err)
-                digests.append(None)
+        digests, errors = digest_files(paths, strict, warn)
         todo = [i for i, d in enumerate(digests) if d is not None and not self.path_for(d).exists()]
         n_cached = sum(1 for d in digests if d is not None) - len(todo)
         sides: dict[int, Any] = {}

@@ -25,8 +25,7 @@ from torch import nn
 
 from cxrnn.audit.phash import hash_side
 from cxrnn.data.dataset import Dataset
-from cxrnn.data.io import as_read_error
-from cxrnn.data.loading import DecodedImageCache, ImageFiles, image_loader
+from cxrnn.data.loading import DecodedImageCache, ImageFiles, digest_files, image_loader
 from cxrnn.inference.device import autocast, prepare_module, resolve_device, to_device_input
 from cxrnn.models.backbones import create_backbone
 from cxrnn.models.bundle import build_network
@@ -36,7 +35,6 @@ from cxrnn.training.frozen import head_options_for
 from cxrnn.training.loop import FitResult, lr_at, make_optimizer
 from cxrnn.training.run import FittedModel, Log, PreparedData, Progress, prepare_data, timer
 from cxrnn.utils import distributed
-from cxrnn.utils.hashing import file_digest
 
 
 def fine_tuned_weights_id(net: nn.Module, base: str) -> str:
@@ -50,18 +48,8 @@ def _load_resized(paths: list[str], prep, cfg: TrainConfig, log: Log):
     """Every readable image at the input size (decoded in ``cfg.workers`` processes, optionally cached),
     with the files' digests and, where an image was decoded, its duplicate hashes."""
     cache = DecodedImageCache(cfg.image_cache) if cfg.image_cache else None
-    digests: list[str | None] = []
-    errors: list[str] = []
-    for p in paths:
-        try:
-            digests.append(file_digest(p))
-        except OSError as exc:
-            err = as_read_error(p, exc)
-            if cfg.strict:
-                raise err from exc
-            log(f"skipped {err}")
-            errors.append(str(err))
-            digests.append(None)
+    digests, read_errors = digest_files(paths, cfg.strict, log)
+    errors = [str(e) for e in read_errors]
     transform, tag = input_transform(prep)
     readable = [i for i, d in enumerate(digests) if d is not None]
     files = ImageFiles(paths, transform, tag, positions=readable, digests=digests, cache=cache,
