@@ -1,7 +1,8 @@
 """Heads that read a backbone feature map as a sequence of H*W steps of C features.
 
-``paper`` is the seed code's head exactly; ``lstm`` (default), ``gru`` and ``bilstm`` are trainable
-recurrent heads; ``pool`` is the no-RNN baseline that answers "does the RNN help?".
+``paper`` is the seed code's head exactly; ``bilstm`` (the training default, ``TrainConfig.head``),
+``lstm`` and ``gru`` are trainable recurrent heads; ``pool`` is the no-RNN baseline that answers "does the
+RNN help?".
 """
 
 from __future__ import annotations
