@@ -8,7 +8,6 @@ without looking at the lungs: a shortcut a CNN will happily take.
 
 from __future__ import annotations
 
-import hashlib
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from cxrnn.data.io import ImageReadError, as_read_error, read_image, sniff_format
+from cxrnn.utils.hashing import bytes_digest
 
 CORNER = 0.15  # corner patches: 15% of each side, where burned-in labels and markers sit
 BORDER = 0.05  # border strips: 5% of the side (collimation edges, padding)
@@ -89,7 +89,7 @@ def read_metadata(paths: Sequence[str | Path], progress: Callable[[int, int], No
     for k, p in enumerate(paths):
         try:
             data = Path(p).read_bytes()
-            sha256 = hashlib.sha256(data).hexdigest()
+            sha256 = bytes_digest(data)
             fmt = sniff_format(data) or "unknown"
             image = read_image(data, name=str(p))
             if on_image is not None:

@@ -158,7 +158,8 @@ def run_audit(data: str | Path, out: str | Path | None = None, model: str | Path
         bundle = load_bundle(model)
         log("model checks")
         model_dataset = load_dataset(data, classes=bundle.classes) if set(dataset.classes) <= set(bundle.classes) else None
-        probe = shortcut.source_probe(bundle, dataset, cache_dir, seed) if has_sources else None
+        digests = [m.sha256 if m else None for m in metas]  # the metadata pass read every file already
+        probe = shortcut.source_probe(bundle, dataset, cache_dir, seed, digests=digests) if has_sources else None
         if probe is not None:
             model_results["source_probe"] = probe
             checks["source_probe"] = _check(

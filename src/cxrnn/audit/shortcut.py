@@ -10,7 +10,7 @@ The third, lesion removed (abnormal phantom cases re-rendered without their lesi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -19,8 +19,9 @@ from cxrnn.models.bundle import ModelBundle
 
 
 def source_probe(bundle: ModelBundle, dataset: Dataset, cache_dir: str | Path | None = None,
-                 seed: int = 0) -> dict[str, Any] | None:
-    """Cross-validated accuracy of predicting ``source`` from the model's pooled frozen features."""
+                 seed: int = 0, digests: Sequence[str | None] | None = None) -> dict[str, Any] | None:
+    """Cross-validated accuracy of predicting ``source`` from the model's pooled frozen features
+    (``digests``: the files' sha256, when the caller has read them already)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
@@ -33,7 +34,7 @@ def source_probe(bundle: ModelBundle, dataset: Dataset, cache_dir: str | Path | 
     if any(s is None for s in sources) or len(set(sources)) < 2:
         return None
     store = FeatureStore(bundle.net.backbone, cache_dir)
-    fs = store.extract([s.path for s in dataset.samples])
+    fs = store.extract([s.path for s in dataset.samples], digests=digests)
     x = fs.features.mean(axis=(2, 3))
     names = sorted(set(sources))
     y = np.array([names.index(sources[i]) for i in fs.kept])

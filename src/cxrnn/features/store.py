@@ -94,14 +94,22 @@ class FeatureStore:
         strict: bool = False,
         warn: Callable[[str], None] | None = None,
         side: SideComputation | None = None,
+        digests: Sequence[str | None] | None = None,
     ) -> FeatureSet:
         """Features for every readable file; unreadable ones are skipped with one warning each.
 
         ``side(image, digest)`` runs on the full decoded image of every file this call decodes (files
         already in the store are not decoded); its results come back in ``FeatureSet.side``.
+        ``digests``: the files' sha256 when the caller has computed them already (None marks a file the
+        caller found unreadable and reported; it is skipped here without a second warning).
         """
         warn = warn or (lambda msg: print(msg, file=sys.stderr))
-        digests, errors = digest_files(paths, strict, warn)
+        if digests is None:
+            digests, errors = digest_files(paths, strict, warn)
+        else:
+            if len(digests) != len(paths):
+                raise ValueError(f"{len(digests)} digests for {len(paths)} files")
+            digests, errors = list(digests), []
         todo = [i for i, d in enumerate(digests) if d is not None and not self.path_for(d).exists()]
         n_cached = sum(1 for d in digests if d is not None) - len(todo)
         sides: dict[int, Any] = {}

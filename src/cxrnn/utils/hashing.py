@@ -13,8 +13,13 @@ from typing import Iterable, Mapping
 import torch
 
 
+def bytes_digest(data: bytes) -> str:
+    """sha256 of bytes already in memory: equals ``file_digest`` of a file holding them."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes."""
+    """sha256 of a file's bytes, read in chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
