@@ -64,7 +64,7 @@ GIVEN = dict(data="d", backbone="vgg19", head="gru", weights="none", out="o", se
              backbone_lr_scale=0.5, rotation=5.0, preset="paper", cache_dir="c", feature_dtype="float16",
              extract_batch_size=4, extract_runtime="torch", strict=True, device="cuda", bootstrap=10, dedup=False,
              near_duplicate_threshold=4, align_threshold=0.5, leave_one_source_out=True, precision="bf16",
-             workers=1, image_cache="i")
+             workers=1, image_cache="i", allow_outside_paths=True)
 
 
 def argv_for(values: dict) -> list[str]:

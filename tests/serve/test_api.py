@@ -190,7 +190,10 @@ def test_bad_uploads_are_4xx_json(client, phantom_png, encode):
     assert_error(client.post("/v1/predict", content=b"raw bytes", headers={"content-type": "image/png"}), 422)
     assert_error(client.post("/v1/predict", json={"file": "x"}), 422)
     assert_error(upload(client, crafted_png(100_000, 100_000)), 413, "too large")  # huge header, tiny file
-    flat = upload(client, encode.png(np.full((64, 64), 128, np.uint8)))  # readable, but nothing like an X-ray
+    assert_error(upload(client, encode.png(np.full((64, 64), 128, np.uint8))), 422, "blank image")
+    # readable, but nothing like an X-ray: a faint checkerboard
+    faint = (128 + 4 * ((np.indices((64, 64)).sum(axis=0) // 8) % 2)).astype(np.uint8)
+    flat = upload(client, encode.png(faint))
     assert flat.status_code == 200 and flat.json()["ood"]["flagged"]
     assert_error(client.get("/v1/predict"), 405)
 

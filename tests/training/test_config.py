@@ -64,3 +64,34 @@ def test_unknown_keys_in_a_config_file_are_named(tmp_path) -> None:
     path.write_text("data: x\nlearning_rate: 0.1\n")
     with pytest.raises(ValueError, match="learning_rate"):
         TrainConfig.from_yaml(path)
+
+
+@pytest.mark.parametrize("bad", [{"epochs": 0}, {"batch_size": 0}, {"batch_size": -1}, {"lr": 0.0}, {"lr": float("nan")},
+                                 {"patience": -1}, {"bootstrap": -1}, {"workers": -1}, {"extract_batch_size": 0},
+                                 {"near_duplicate_threshold": -1}, {"near_duplicate_threshold": 257}, {"rotation": -5.0},
+                                 {"seed": -1}, {"folds": -2}, {"val_size": 1.0}, {"weight_decay": -0.1},
+                                 {"align_threshold": 1.5}, {"lr": "0.001"}])
+def test_out_of_range_numbers_are_refused_with_the_field_and_its_range(bad) -> None:
+    (name, value), = bad.items()
+    with pytest.raises(ValueError, match=f"^{name} must be "):
+        TrainConfig(data="x", **bad).validate()
+
+
+def test_the_edges_of_each_range_are_accepted() -> None:
+    TrainConfig(data="x", epochs=1, batch_size=1, patience=0, bootstrap=0, workers=0, extract_batch_size=1,
+                near_duplicate_threshold=0, rotation=0.0, seed=0, folds=0, val_size=0.0, align_threshold=0.0,
+                backbone_lr_scale=1.0, lr_decay=1.0).validate()
+
+
+def test_bounds_live_in_the_field_metadata() -> None:
+    from cxrnn.training.config import Bounds, field_bounds
+
+    bounded = {f.name for f in fields(TrainConfig) if "bounds" in f.metadata}
+    assert {"epochs", "batch_size", "lr", "patience", "bootstrap", "workers", "extract_batch_size",
+            "near_duplicate_threshold", "rotation", "test_size", "val_size"} <= bounded
+    assert str(field_bounds("batch_size")) == ">= 1" and str(field_bounds("lr")) == "> 0"
+    assert str(Bounds(0, 1, low_open=True, high_open=True)) == "in (0, 1)"
+
+
+def test_allow_outside_paths_is_off_by_default() -> None:
+    assert TrainConfig().allow_outside_paths is False

@@ -54,7 +54,8 @@ def cramers_v(a: list[str], b: list[str]) -> float:
 def run_audit(data: str | Path, out: str | Path | None = None, model: str | Path | None = None,
               threshold: int = DEFAULT_THRESHOLD, cache_dir: str | Path | None = None, seed: int = 0,
               progress: Progress | None = None, log: Log | None = None,
-              align_threshold: float | None = DEFAULT_ALIGN_THRESHOLD) -> dict[str, Any]:
+              align_threshold: float | None = DEFAULT_ALIGN_THRESHOLD, *,
+              allow_outside_paths: bool = False) -> dict[str, Any]:
     """Audit ``data`` (a dataset folder or manifest); with ``out``, write audit.json and audit.md there.
 
     ``align_threshold`` (band-pass NCC after alignment) finds shifted, cropped and rotated copies; 0 or None
@@ -63,7 +64,7 @@ def run_audit(data: str | Path, out: str | Path | None = None, model: str | Path
     if align_threshold is not None and not 0 <= align_threshold <= 1:
         raise ValueError(f"align_threshold must be in [0, 1], not {align_threshold}")
     log = log or (lambda msg: None)
-    dataset = load_dataset(data)
+    dataset = load_dataset(data, allow_outside_paths=allow_outside_paths)
     paths = [str(s.path) for s in dataset.samples]
     labels = [s.label for s in dataset.samples]
     sources = [s.source for s in dataset.samples]
@@ -157,7 +158,7 @@ def run_audit(data: str | Path, out: str | Path | None = None, model: str | Path
 
         bundle = load_bundle(model)
         log("model checks")
-        model_dataset = load_dataset(data, classes=bundle.classes) if set(dataset.classes) <= set(bundle.classes) else None
+        model_dataset = load_dataset(data, classes=bundle.classes, allow_outside_paths=allow_outside_paths) if set(dataset.classes) <= set(bundle.classes) else None
         digests = [m.sha256 if m else None for m in metas]  # the metadata pass read every file already
         probe = shortcut.source_probe(bundle, dataset, cache_dir, seed, digests=digests) if has_sources else None
         if probe is not None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, NoReturn
+from pathlib import Path
+from typing import Any, Callable, Iterator, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -37,14 +40,60 @@ def progress_bars() -> Iterator[StageProgress]:
         yield update
 
 
+Number = TypeVar("Number", int, float)
+
+
+def printable(text: str) -> str:
+    """``text`` on one line and free of rich markup: control characters (a newline in a file name) are
+    escaped as repr does, so one file is always one line of output."""
+    return escape("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text)))
+
+
+def in_range(bounds: Any) -> Callable[[Number | None], Number | None]:
+    """A typer callback enforcing ``bounds`` (a ``cxrnn.training.config.Bounds``): a bad value is a usage
+    error (exit 2) with the same wording as the API's ValueError. None (an option not given) passes."""
+
+    def check(value: Number | None) -> Number | None:
+        if value is not None and not bounds.contains(value):
+            raise typer.BadParameter(f"must be {bounds}, not {value!r}")
+        return value
+
+    return check
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     """One red error line on stderr, then exit with ``code``."""
-    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/red] {printable(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[yellow]warning:[/yellow] {printable(message)}", highlight=False, soft_wrap=True)
+
+
+def outside_paths(allow: bool) -> dict[str, bool]:
+    """``load_dataset``'s ``allow_outside_paths`` keyword, given only when asked for: its default (refuse)
+    stays load_dataset's own, and a call without the flag works with a load_dataset of either vintage."""
+    return {"allow_outside_paths": True} if allow else {}
+
+
+def not_a_file(path: Path, option: str = "--out") -> None:
+    """Fail with one line when ``path``, meant as a folder, exists as something else."""
+    if path.exists() and not path.is_dir():
+        fail(f"{option} {path} exists and is not a folder")
+
+
+def output_folder(path: Path, option: str = "--out") -> Path:
+    """Create ``path`` (an output folder) up front, or fail with one line: a run must not compute for
+    minutes and then die on an ``--out`` that is a file or cannot be written."""
+    not_a_file(path, option)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"{option} {path}: cannot create the folder ({exc.strerror or exc})")
+    if not os.access(path, os.W_OK | os.X_OK):
+        fail(f"{option} {path}: the folder is not writable")
+    return path
 
 
 def log(message: str) -> None:
@@ -52,7 +101,7 @@ def log(message: str) -> None:
     if message.startswith("skipped "):
         warn(message)
     else:
-        console.print(message, highlight=False)
+        console.print(printable(message), highlight=False, soft_wrap=True)
 
 
 def fmt(value: float | None) -> str:

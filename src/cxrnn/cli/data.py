@@ -7,20 +7,25 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cxrnn.cli.common import app, out_console, progress_bars
+from cxrnn.cli.common import app, in_range, out_console, progress_bars
 from cxrnn.data.phantom import PhantomConfig, generate_phantom
+from cxrnn.training.config import above, at_least, within
 
 PHANTOM = PhantomConfig()  # the options' defaults are the library's
+MIN_SIZE = 64
 
 
 @app.command()
 def phantom(
     out_dir: Path = typer.Argument(..., help="Folder to write the phantom dataset to."),
-    per_class: int = typer.Option(PHANTOM.per_class, help="Images per class."),
-    size: int = typer.Option(PHANTOM.size, help="Image side in pixels."),
-    seed: int = typer.Option(PHANTOM.seed, help="Random seed (same seed, same files)."),
-    difficulty: float = typer.Option(PHANTOM.difficulty, help="Lesion subtlety: >1 harder, <1 easier."),
-    sources: int = typer.Option(PHANTOM.sources, help="Number of simulated hospitals, each with its own style."),
+    per_class: int = typer.Option(PHANTOM.per_class, help="Images per class.", callback=in_range(at_least(1))),
+    # the anatomy and the hospital markers need room; past 4096 px a phantom is only a memory test
+    size: int = typer.Option(PHANTOM.size, help="Image side in pixels.", callback=in_range(within(MIN_SIZE, 4096))),
+    seed: int = typer.Option(PHANTOM.seed, help="Random seed (same seed, same files).", callback=in_range(at_least(0))),
+    difficulty: float = typer.Option(PHANTOM.difficulty, help="Lesion subtlety: >1 harder, <1 easier.",
+                                     callback=in_range(above(0))),
+    sources: int = typer.Option(PHANTOM.sources, help="Number of simulated hospitals, each with its own style.",
+                                callback=in_range(at_least(1))),
     shortcut: bool = typer.Option(PHANTOM.shortcut, help="Burn in a marker whose presence correlates with the class."),
 ) -> None:
     """Generate the synthetic chest X-ray phantom (covid / normal / pneumonia) with lesion masks."""

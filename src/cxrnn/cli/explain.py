@@ -8,10 +8,14 @@ from typing import Any, List, Optional
 import typer
 from rich.table import Table
 
-from cxrnn.cli.common import app, console, fail, fmt, out_console, progress_bars, warn
+from cxrnn.cli.common import (app, console, fail, fmt, in_range, out_console, output_folder, outside_paths, printable,
+                              progress_bars, warn)
+from cxrnn.cli.options import config_help
+from cxrnn.training.config import at_least, within
 
 METHOD_HELP = "gradcam (default), gradcam++, xgradcam, eigencam (class-agnostic) or scorecam (slow: one pass per channel)."
 LAYER_HELP = "Backbone module for the map (dotted path in the timm model); default: the registry's layer."
+BATCH_SIZE = in_range(at_least(1))
 
 
 def maps_summary(index: dict[str, Any], out_dir: Path) -> str:
@@ -28,8 +32,8 @@ def explain(
     method: str = typer.Option("gradcam", help=METHOD_HELP),
     target: Optional[str] = typer.Option(None, help="Class to explain (default: the predicted class)."),
     layer: Optional[str] = typer.Option(None, help=LAYER_HELP),
-    batch_size: int = typer.Option(8),
-    alpha: float = typer.Option(0.4, help="Opacity of the colour map over the X-ray."),
+    batch_size: int = typer.Option(8, callback=BATCH_SIZE),
+    alpha: float = typer.Option(0.4, help="Opacity of the colour map over the X-ray.", callback=in_range(within(0, 1))),
     colormap: str = typer.Option("jet", help="Any matplotlib colour map name."),
 ) -> None:
     """Grad-CAM maps through the whole CNN->RNN, drawn on each X-ray at its own size."""
@@ -38,6 +42,7 @@ def explain(
     from cxrnn.explain.folder import explain_to_dir
     from cxrnn.models.bundle import load_bundle
 
+    output_folder(out)
     files = list_image_files(paths)
     if not files:
         fail("no image files found in " + ", ".join(map(str, paths)))
@@ -47,8 +52,9 @@ def explain(
             warn(f"skipped {exp.error}")
         else:
             probs = "  ".join(f"{c} {v:.3f}" for c, v in exp.probabilities.items())
-            out_console.print(f"{exp.path}: [bold]{exp.label}[/bold]  ({probs})  map of '{exp.target}' -> "
-                              f"{Path(written['panel']).name}", highlight=False)
+            out_console.print(f"{printable(exp.path)}: [bold]{exp.label}[/bold]  ({probs})  map of "
+                              f"'{printable(exp.target)}' -> {printable(Path(written['panel']).name)}",
+                              highlight=False, soft_wrap=True)
 
     try:
         bundle = load_bundle(model)
@@ -56,9 +62,9 @@ def explain(
             index = explain_to_dir(bundle, files, out, method=method, target=target, layer=layer,
                                    batch_size=batch_size, alpha=alpha, colormap=colormap,
                                    progress=lambda d, t: bars("explain", d, t), on_result=report)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # OSError: the folder checked above can still fill up or vanish
         fail(str(exc))
-    console.print(maps_summary(index, out), highlight=False)
+    console.print(printable(maps_summary(index, out)), highlight=False, soft_wrap=True)
 
 
 @app.command("explain-eval")
@@ -69,16 +75,22 @@ def explain_eval(
     method: str = typer.Option("gradcam", help=METHOD_HELP),
     layer: Optional[str] = typer.Option(None, help=LAYER_HELP),
     target: str = typer.Option("true", help="'true': explain each image's true class; 'predicted': the model's choice."),
-    batch_size: int = typer.Option(8),
+    batch_size: int = typer.Option(8, callback=BATCH_SIZE),
+    allow_outside_paths: bool = typer.Option(False, "--allow-outside-paths", help=config_help("allow_outside_paths")),
 ) -> None:
     """Check maps against known lesions: pointing-game hit rate and map energy in lesions / lungs."""
+    from cxrnn.data.dataset import load_dataset
     from cxrnn.explain.localisation import evaluate_explanations, write_explain_eval
     from cxrnn.models.bundle import load_bundle
 
+    if out is not None and out.is_dir():
+        fail(f"--out {out} is a folder; it names the JSON file to write")
     try:
         bundle = load_bundle(model)
+        # loaded here rather than by evaluate_explanations, which has no say over outside paths
+        dataset = load_dataset(data, classes=bundle.classes, **outside_paths(allow_outside_paths))
         with progress_bars() as bars:
-            result = evaluate_explanations(bundle, data, method=method, layer=layer, target=target,
+            result = evaluate_explanations(bundle, dataset, method=method, layer=layer, target=target,
                                            batch_size=batch_size, progress=lambda d, t: bars("explain", d, t),
                                            warn=warn)
     except (ValueError, FileNotFoundError) as exc:

@@ -2,7 +2,8 @@
 
 Every generated option is Optional with default None, meaning "not given": ``resolve_config`` then applies
 defaults < preset < config file < command line. The help text comes from each field's ``metadata["help"]``
-and the default shown from the field itself.
+and the default shown from the field itself; a field's ``metadata["bounds"]`` becomes the option's range
+check, so the command line refuses what ``TrainConfig.validate`` would (before any work, exit 2).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Callable, Iterable, Optional, TypeVar
 
 import typer
 
+from cxrnn.cli.common import in_range
 from cxrnn.training.config import TrainConfig
 
 Command = TypeVar("Command", bound=Callable[..., Any])
@@ -74,8 +76,10 @@ def config_parameters(names: Iterable[str] | None = None) -> list[inspect.Parame
         if kind is None:
             raise TypeError(f"TrainConfig.{f.name} ({hints[f.name]}) has no command-line form: mark it cli=False")
         declaration = _declaration(f, kind)
+        bounds = f.metadata.get("bounds")
         info = typer.Option(None, declaration, help=f.metadata.get("help", ""),
-                            show_default=_shown_default(f, kind, declaration))
+                            show_default=_shown_default(f, kind, declaration),
+                            callback=in_range(bounds) if bounds is not None else None)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info,
                                         annotation=Optional[kind]))
     return params
@@ -103,6 +107,16 @@ def with_config_options(names: Iterable[str] | None = None) -> Callable[[Command
 def config_default(name: str) -> Any:
     """TrainConfig's default for ``name``: for commands whose options mean the same as a training option."""
     return _field_default(next(f for f in fields(TrainConfig) if f.name == name))
+
+
+def config_range(name: str) -> Callable[[Any], Any]:
+    """The range check of TrainConfig field ``name``, as a typer callback for a command's own option."""
+    from cxrnn.training.config import field_bounds
+
+    bounds = field_bounds(name)
+    if bounds is None:
+        raise ValueError(f"TrainConfig.{name} has no bounds")
+    return in_range(bounds)
 
 
 def config_help(name: str) -> str:

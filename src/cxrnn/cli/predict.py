@@ -8,8 +8,13 @@ from typing import List, Optional
 
 import typer
 
-from cxrnn.cli.common import app, console, fail, out_console, print_metrics, progress_bars, warn
+from cxrnn.cli.common import (app, console, fail, in_range, out_console, output_folder, outside_paths, print_metrics,
+                              printable, progress_bars, warn)
+from cxrnn.cli.options import config_help, config_range
 from cxrnn.evaluation.bootstrap import DEFAULT_BOOTSTRAP
+from cxrnn.training.config import at_least
+
+BATCH_SIZE = in_range(at_least(1))
 
 
 @app.command()
@@ -17,17 +22,19 @@ def evaluate(
     model: Path = typer.Argument(..., help="model.pt of a run."),
     data: str = typer.Option(..., help="Dataset folder or CSV manifest with the model's classes."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: eval/ next to the model)."),
-    bootstrap: int = typer.Option(DEFAULT_BOOTSTRAP, help="Bootstrap resamples for the 95% intervals (0: none)."),
+    bootstrap: int = typer.Option(DEFAULT_BOOTSTRAP, help="Bootstrap resamples for the 95% intervals (0: none).",
+                                  callback=config_range("bootstrap")),
+    allow_outside_paths: bool = typer.Option(False, "--allow-outside-paths", help=config_help("allow_outside_paths")),
 ) -> None:
     """Score a model on a labelled dataset: metrics.json (95% intervals, ECE), confusion, ROC and reliability plots."""
     from cxrnn.data.dataset import load_dataset
     from cxrnn.evaluation.scoring import evaluate_to_dir
     from cxrnn.models.bundle import load_bundle
 
-    out_dir = out or model.parent / "eval"
+    out_dir = output_folder(out or model.parent / "eval")
     try:
         bundle = load_bundle(model)
-        dataset = load_dataset(data, classes=bundle.classes)
+        dataset = load_dataset(data, classes=bundle.classes, **outside_paths(allow_outside_paths))
         with progress_bars() as bars:
             result = evaluate_to_dir(bundle, dataset, out_dir, n_boot=bootstrap,
                                      progress=lambda d, t: bars("evaluate", d, t))
@@ -44,7 +51,7 @@ def predict(
     model: Path = typer.Argument(..., help="model.pt of a run."),
     paths: List[Path] = typer.Argument(..., help="Image files or folders."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per image on stdout."),
-    batch_size: int = typer.Option(16),
+    batch_size: int = typer.Option(16, callback=BATCH_SIZE),
     strict: bool = typer.Option(False, "--strict", help="Exit with an error at the first unreadable file."),
     runtime: str = typer.Option("torch", help="torch or onnx (onnxruntime; the model is exported on the fly)."),
     device: str = typer.Option("cpu", help="cpu or cuda (torch runtime)."),
@@ -63,6 +70,8 @@ def predict(
         fail(str(exc))
     if not files:
         fail("no image files found in " + ", ".join(map(str, paths)))
+    if cam is not None:
+        output_folder(cam, "--cam")
     failures = 0
 
     def show(p: Prediction) -> None:
@@ -78,7 +87,9 @@ def predict(
         else:
             probs = "  ".join(f"{c} {v:.3f}" for c, v in p.probabilities.items())  # type: ignore[union-attr]
             flag = ("  [bold red]OUT OF DISTRIBUTION[/bold red]" if p.ood["flagged"] else "") if p.ood else ""
-            out_console.print(f"{p.path}: [bold]{p.label}[/bold]  ({probs}){flag}", highlight=False)
+            # soft_wrap: one line per file even when stdout is a pipe, which rich would wrap at 80 columns
+            out_console.print(f"{printable(p.path)}: [bold]{p.label}[/bold]  ({probs}){flag}", highlight=False,
+                              soft_wrap=True)
 
     index = None
     if cam is None:
@@ -92,9 +103,12 @@ def predict(
             index = predict_and_explain_to_dir(predictor, files, cam, on_prediction=show)
         except (ValueError, FileNotFoundError) as exc:
             fail(str(exc))
-    if failures:
-        console.print(f"{failures} of {len(files)} file(s) could not be read", highlight=False)
     if index is not None:
         from cxrnn.cli.explain import maps_summary
 
-        console.print(maps_summary(index, cam), highlight=False)
+        console.print(printable(maps_summary(index, cam)), highlight=False, soft_wrap=True)
+    if failures == len(files):
+        # nothing to show for the run: a script must be able to tell this from success
+        fail(f"none of the {len(files)} file(s) could be read", code=1)
+    if failures:
+        console.print(f"{failures} of {len(files)} file(s) could not be read", highlight=False, soft_wrap=True)

@@ -6,19 +6,23 @@ from pathlib import Path
 
 import typer
 
-from cxrnn.cli.common import app, fail, out_console
+from cxrnn.cli.common import app, fail, in_range, out_console
+from cxrnn.training.config import above, at_least, within
 
 
 @app.command()
 def serve(
     model: Path = typer.Argument(..., help="model.pt of a run."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (127.0.0.1: this machine only)."),
-    port: int = typer.Option(8000),
+    port: int = typer.Option(8000, callback=in_range(within(1, 65535))),
     runtime: str = typer.Option("torch", help="torch or onnx (onnxruntime, exported at start)."),
-    max_mb: float = typer.Option(20.0, help="Largest upload in MB (413 beyond)."),
-    batch: int = typer.Option(8, help="Micro-batching: most requests per forward pass (1: off)."),
-    batch_ms: float = typer.Option(10.0, help="Micro-batching: longest wait for more requests, in ms."),
-    timeout_s: float = typer.Option(30.0, help="Per-request time limit in seconds (504 beyond)."),
+    max_mb: float = typer.Option(20.0, help="Largest upload in MB (413 beyond).", callback=in_range(above(0))),
+    batch: int = typer.Option(8, help="Micro-batching: most requests per forward pass (1: off).",
+                              callback=in_range(at_least(1))),
+    batch_ms: float = typer.Option(10.0, help="Micro-batching: longest wait for more requests, in ms.",
+                                   callback=in_range(at_least(0))),
+    timeout_s: float = typer.Option(30.0, help="Per-request time limit in seconds (504 beyond).",
+                                    callback=in_range(above(0))),
     device: str = typer.Option("cpu", help="cpu or cuda (torch runtime)."),
     precision: str = typer.Option("fp32", help="fp32 or bf16 autocast (torch runtime)."),
 ) -> None:

@@ -12,8 +12,8 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from cxrnn.cli.common import app, fail, fmt, log, out_console, print_metrics, progress_bars
-from cxrnn.cli.options import config_default, config_help, with_config_options
+from cxrnn.cli.common import app, fail, fmt, log, not_a_file, out_console, outside_paths, print_metrics, progress_bars
+from cxrnn.cli.options import config_default, config_help, config_range, with_config_options
 from cxrnn.training.config import TrainConfig, resolve_config
 
 CONFIG_HELP = "YAML file with any of these options (a run's config.yaml works)."
@@ -42,11 +42,14 @@ def extract(
     device: str = typer.Option(config_default("device"), help=config_help("device")),
     runtime: str = typer.Option(config_default("extract_runtime"),
                                 help="auto (onnxruntime for fp32 on the CPU, else torch), torch or onnx."),
-    batch_size: int = typer.Option(config_default("extract_batch_size")),
-    workers: int = typer.Option(config_default("workers"), help="DataLoader processes decoding images."),
+    batch_size: int = typer.Option(config_default("extract_batch_size"), callback=config_range("extract_batch_size")),
+    workers: int = typer.Option(config_default("workers"), help="DataLoader processes decoding images.",
+                                callback=config_range("workers")),
     image_cache: Optional[str] = typer.Option(None, help="Folder caching decoded images at the input size."),
-    seed: int = typer.Option(config_default("seed"), help="Seed of --weights none."),
+    seed: int = typer.Option(config_default("seed"), help="Seed of --weights none.", callback=config_range("seed")),
     strict: bool = typer.Option(config_default("strict"), "--strict", help=config_help("strict")),
+    allow_outside_paths: bool = typer.Option(config_default("allow_outside_paths"), "--allow-outside-paths",
+                                             help=config_help("allow_outside_paths")),
 ) -> None:
     """Extract frozen-backbone feature maps into the store; an interrupted run resumes where it stopped.
 
@@ -58,7 +61,7 @@ def extract(
     from cxrnn.utils import distributed
 
     try:
-        dataset = load_dataset(data)
+        dataset = load_dataset(data, **outside_paths(allow_outside_paths))
         store = FeatureStore(create_backbone(backbone, weights, seed=seed), cache_dir, dtype=feature_dtype,
                              precision=precision, device=device, workers=workers, image_cache=image_cache,
                              runtime=runtime)
@@ -84,6 +87,7 @@ def train(config: Optional[Path] = typer.Option(None, help=CONFIG_HELP), **optio
     from cxrnn.utils import distributed
 
     cfg = resolved(options, config)
+    not_a_file(Path(cfg.out))  # before the minutes of extraction and training, not after
     try:
         with progress_bars() as bars:
             result = run_train(cfg, progress=bars, log=log)
@@ -96,7 +100,7 @@ def train(config: Optional[Path] = typer.Option(None, help=CONFIG_HELP), **optio
 
 
 @app.command()
-@with_config_options(["data", "weights", "epochs", "seed", "bootstrap", "cache_dir", "preset"])
+@with_config_options(["data", "weights", "epochs", "seed", "bootstrap", "cache_dir", "preset", "allow_outside_paths"])
 def compare(
     backbones: str = typer.Option("vgg19,densenet121,inception_v3,inception_resnet_v2", help="Comma-separated backbones."),
     heads: str = typer.Option("lstm,pool", help="Comma-separated heads."),
@@ -108,6 +112,7 @@ def compare(
     from cxrnn.training.compare import compare as run_compare
 
     cfg = resolved(options, config)
+    not_a_file(out)
     try:
         with progress_bars() as bars:
             rows = run_compare(cfg, [b.strip() for b in backbones.split(",") if b.strip()],

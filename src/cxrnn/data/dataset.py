@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrnn.data.io import is_image_file
+from cxrnn.data.errors import not_regular_reason
+from cxrnn.data.io import IMAGE_SUFFIXES, is_image_file
 
 __all__ = [
     "Sample",
@@ -60,6 +61,15 @@ class Dataset:
             counts[s.label] += 1
         return counts
 
+    def classes_with_images(self) -> list[str]:
+        """The classes that have at least one sample, in ``self.classes`` order.
+
+        A class list fixed by the caller (e.g. a model's) may name classes with
+        no images; training needs at least two classes that really have some.
+        """
+        present = {s.label for s in self.samples}
+        return [c for c in self.classes if c in present]
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -68,8 +78,22 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _walk_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive), skipping hidden files and folders."""
+def _special_file_reason(path: Path) -> str | None:
+    """Why ``path`` is not a regular file that can be read (None if it is one)."""
+    try:
+        return not_regular_reason(os.stat(path))
+    except OSError as exc:
+        return f"cannot read file ({exc.strerror or exc})"
+
+
+def _walk_images(folder: Path, keep_special: bool = False) -> list[Path]:
+    """Image files under ``folder`` (recursive), skipping hidden files and folders.
+
+    Non-regular entries (FIFOs, devices, broken links) are skipped with a
+    warning naming them: opening a FIFO would block the whole run. With
+    ``keep_special`` they are kept instead, for a caller whose reader reports
+    each one as that file's error.
+    """
     found: list[Path] = []
     # Pruning dirnames keeps os.walk out of hidden folders entirely, which
     # matters for things like .git or .ipynb_checkpoints inside a dataset.
@@ -79,6 +103,13 @@ def _walk_images(folder: Path) -> list[Path]:
         for fname in filenames:
             if not _is_hidden(fname):
                 p = Path(dirpath) / fname
+                special = _special_file_reason(p)
+                if special is not None:
+                    if keep_special and p.suffix.lower() in IMAGE_SUFFIXES:
+                        found.append(p)
+                    elif p.suffix.lower() in IMAGE_SUFFIXES:
+                        warnings.warn(f"ignored {p}: {special}", stacklevel=4)
+                    continue
                 if is_image_file(p):
                     found.append(p)
     found.sort()
@@ -92,11 +123,18 @@ def _list_more(items: list[str]) -> str:
     return shown
 
 
-def load_dataset(path: str | Path, classes: list[str] | None = None) -> Dataset:
+def load_dataset(
+    path: str | Path,
+    classes: list[str] | None = None,
+    *,
+    allow_outside_paths: bool = False,
+) -> Dataset:
     """Load a dataset from class folders, a CSV manifest, or a folder holding ``manifest.csv``.
 
     ``classes`` (e.g. a trained model's classes, in its order) fixes the class
     list; labels outside it are an error. Otherwise classes are sorted names.
+    A manifest's paths must stay inside the manifest's folder (after following
+    ``..`` and links) unless ``allow_outside_paths`` is true.
     """
     root = Path(path)
     if not root.exists():
@@ -106,12 +144,12 @@ def load_dataset(path: str | Path, classes: list[str] | None = None) -> Dataset:
             raise DatasetError(
                 f"{root}: a dataset must be a folder of class folders or a CSV manifest"
             )
-        samples = _read_manifest(root)
+        samples = _read_manifest(root, allow_outside_paths)
         base = root.parent
     elif (root / MANIFEST_NAME).is_file():
         # Generated datasets keep masks/ etc. beside the images; the manifest
         # says exactly which files are samples, so it wins over the folders.
-        samples = _read_manifest(root / MANIFEST_NAME)
+        samples = _read_manifest(root / MANIFEST_NAME, allow_outside_paths)
         base = root
     else:
         samples = _scan_class_folders(root, classes)
@@ -171,7 +209,7 @@ def _opt(value: str | None) -> str | None:
     return value or None
 
 
-def _read_manifest(csv_path: Path) -> list[Sample]:
+def _read_manifest(csv_path: Path, allow_outside_paths: bool = False) -> list[Sample]:
     base = csv_path.parent
     try:
         # utf-8-sig: spreadsheets exported on Windows prepend a BOM that would
@@ -196,6 +234,24 @@ def _read_manifest(csv_path: Path) -> list[Sample]:
     samples: list[Sample] = []
     blank_rows: list[str] = []
     missing_files: list[str] = []
+    special_files: list[str] = []
+    outside: list[str] = []
+    real_base = base.resolve()
+
+    def check(rel: str, path: Path, what: str, line_no: int) -> None:
+        where = f"{what}{rel} (line {line_no})"
+        # A manifest from elsewhere must not make us read (and a training log
+        # or cache echo) files such as ../../etc/shadow.
+        if not allow_outside_paths and not path.resolve().is_relative_to(real_base):
+            outside.append(where)
+            return
+        if not path.exists():
+            missing_files.append(where)
+            return
+        reason = _special_file_reason(path)
+        if reason is not None:
+            special_files.append(f"{where}: {reason}")
+
     for line_no, row in enumerate(rows, start=2):  # line 1 is the header
         rel = _opt(row.get("path"))
         label = _opt(row.get("label"))
@@ -203,12 +259,11 @@ def _read_manifest(csv_path: Path) -> list[Sample]:
             blank_rows.append(str(line_no))
             continue
         file_path = _resolve(base, rel)
-        if not file_path.is_file():
-            missing_files.append(f"{rel} (line {line_no})")
+        check(rel, file_path, "", line_no)
         mask_rel = _opt(row.get("mask"))
         mask_path = _resolve(base, mask_rel) if mask_rel else None
-        if mask_path is not None and not mask_path.is_file():
-            missing_files.append(f"mask {mask_rel} (line {line_no})")
+        if mask_path is not None and mask_rel is not None:
+            check(mask_rel, mask_path, "mask ", line_no)
         extra = {
             k: (v if isinstance(v, str) else "")
             for k, v in row.items()
@@ -227,6 +282,17 @@ def _read_manifest(csv_path: Path) -> list[Sample]:
     if blank_rows:
         raise DatasetError(
             f"{csv_path}: empty path or label on line(s) {_list_more(blank_rows)}"
+        )
+    if outside:
+        raise DatasetError(
+            f"{csv_path}: {len(outside)} listed path(s) lie outside the manifest's folder "
+            f"{real_base}: {_list_more(outside)} (allow them with allow_outside_paths / "
+            "--allow-outside-paths if that is intended)"
+        )
+    if special_files:
+        raise DatasetError(
+            f"{csv_path}: {len(special_files)} listed path(s) are not regular files: "
+            f"{_list_more(special_files)}"
         )
     if missing_files:
         raise DatasetError(
@@ -251,7 +317,9 @@ def list_image_files(paths: Iterable[str | Path]) -> list[Path]:
     for item in paths:
         p = Path(item)
         if p.is_dir():
-            found.update(_walk_images(p))
+            # Kept, not skipped: the reader then reports each FIFO or device
+            # as that file's error line in the command's own output.
+            found.update(_walk_images(p, keep_special=True))
         else:
             found.add(p)
     return sorted(found)

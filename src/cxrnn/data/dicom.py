@@ -27,6 +27,28 @@ def has_dicom_preamble(head: bytes) -> bool:
     return head[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM"
 
 
+def dicom_size(data: bytes) -> tuple[int, int] | None:
+    """(Columns, Rows) of one frame from the header alone, or None if the header cannot say."""
+    import pydicom
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
+                                 force=not has_dicom_preamble(data))
+        return int(ds.Columns), int(ds.Rows)
+    except Exception:
+        return None
+
+
+def _header_int(ds, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return None if value is None or value == "" else int(value)
+    except Exception:
+        return None
+
+
 def read_dicom(data: bytes, label: Path) -> np.ndarray:
     """Decode a DICOM file's bytes (``label`` names it in errors) to float32 grey [0, 1], bone bright."""
     import pydicom
@@ -46,8 +68,12 @@ def read_dicom(data: bytes, label: Path) -> np.ndarray:
     try:
         if "PixelData" not in ds:
             raise ImageReadError(label, "unreadable DICOM (no pixel data)")
-        rows = int(ds.Rows)
-        cols = int(ds.Columns)
+        rows, cols = _header_int(ds, "Rows"), _header_int(ds, "Columns")
+        if rows is None or cols is None:
+            # Checked here: pydicom would otherwise fail with its own
+            # AttributeError text about a Python object.
+            missing = " and ".join(k for k, v in (("Rows", rows), ("Columns", cols)) if v is None)
+            raise ImageReadError(label, f"unreadable DICOM (no {missing} in header)")
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     except ImageReadError:
         raise
@@ -82,6 +108,12 @@ def read_dicom(data: bytes, label: Path) -> np.ndarray:
         values = apply_modality_lut(arr, ds)
     except Exception:
         values = arr  # a broken rescale is better ignored than fatal
+    if not _fits_float32(values):
+        raise ImageReadError(
+            label,
+            "unreadable DICOM (RescaleSlope/RescaleIntercept scale the pixels beyond the float range: "
+            f"slope {ds.get('RescaleSlope', 1)}, intercept {ds.get('RescaleIntercept', 0)})",
+        )
     img = _apply_voi_normalised(values, ds)
     if img is None:
         img = minmax_unit(values, label)
@@ -89,6 +121,17 @@ def read_dicom(data: bytes, label: Path) -> np.ndarray:
         # MONOCHROME1 stores bone dark; the model expects bone bright.
         np.subtract(1.0, img, out=img)
     return img
+
+
+def _fits_float32(values: np.ndarray) -> bool:
+    # Everything downstream is float32: a hostile RescaleSlope (1e300) would
+    # otherwise turn into inf with overflow warnings and then a "blank image".
+    if not np.issubdtype(values.dtype, np.floating):
+        return True
+    with np.errstate(all="ignore"):
+        lo, hi = float(np.min(values)), float(np.max(values))
+    limit = float(np.finfo(np.float32).max)
+    return bool(np.isfinite(lo) and np.isfinite(hi) and -limit < lo and hi < limit)
 
 
 def _ensure_transfer_syntax(ds) -> None:
@@ -222,7 +265,14 @@ def _dicom_colour_to_grey(arr: np.ndarray, ds, photometric: str, label: Path) ->
     if arr.shape[-1] != 3:
         raise ImageReadError(label, f"unreadable DICOM (unexpected pixel shape {arr.shape})")
     if photometric == "PALETTE COLOR":
-        arr = apply_color_lut(arr, ds)
+        try:
+            arr = apply_color_lut(arr, ds)
+        except Exception as exc:
+            raise ImageReadError(
+                label,
+                "unreadable DICOM (PhotometricInterpretation PALETTE COLOR does not match its "
+                f"{arr.shape[-1]}-sample pixels: {one_line(exc)})",
+            ) from None
     # pydicom already converts YBR to RGB; ITU-R 601 luma as for PIL images.
     grey = arr.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     if np.issubdtype(arr.dtype, np.integer):

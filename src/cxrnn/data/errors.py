@@ -6,12 +6,19 @@ the OS happened to throw, so that one bad file in a folder is a line in a report
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
 
 MIN_SIDE = 32
 MAX_PIXELS = 100_000_000
+# Largest file the reader will load into memory. A 100 M pixel 16-bit uncompressed DICOM (MAX_PIXELS)
+# is 200 MB; the rest is headroom for multi-frame objects, of which only the first frame is decoded.
+MAX_FILE_BYTES = 512 * 1024 * 1024
+
+BLANK_REASON = "blank image (constant pixel value)"
 
 
 class ImageReadError(ValueError):
@@ -46,6 +53,34 @@ def os_error_reason(exc: OSError, path: Path | None = None) -> str:
     return f"cannot read file ({one_line(exc)})"
 
 
+_SPECIAL_KINDS = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def not_regular_reason(st: os.stat_result) -> str | None:
+    """Why a file with this stat cannot be read as an image (None for a regular file)."""
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a directory, not an image file"
+    for test, kind in _SPECIAL_KINDS:
+        if test(mode):
+            return f"not a regular file ({kind})"
+    return "not a regular file"
+
+
+def too_large_file_reason(size: int | None) -> str:
+    """Reason for a file over MAX_FILE_BYTES (``size`` None: only known to exceed it)."""
+    if size is None:
+        return f"file too large (more than {MAX_FILE_BYTES:,} bytes)"
+    return f"file too large ({size:,} bytes, maximum {MAX_FILE_BYTES:,})"
+
+
 def as_read_error(path: str | Path, exc: ImageReadError | OSError) -> ImageReadError:
     """Either way reading an image file fails, as one ImageReadError ('PATH: reason')."""
     if isinstance(exc, ImageReadError):
@@ -75,8 +110,10 @@ def minmax_unit(arr: np.ndarray, label: Path) -> np.ndarray:
     arr = np.asarray(arr, dtype=np.float32)
     lo = float(arr.min())
     hi = float(arr.max())
+    if not np.isfinite(lo) or not np.isfinite(hi):
+        raise ImageReadError(label, "invalid pixel values (NaN or infinity)")
     if not hi > lo:
-        raise ImageReadError(label, "blank image (constant pixel value)")
+        raise ImageReadError(label, BLANK_REASON)
     out = arr - lo
     out *= 1.0 / (hi - lo)
     return out

@@ -14,20 +14,25 @@ from __future__ import annotations
 
 import importlib.metadata
 import io
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from cxrnn.data.dicom import DICOM_MAGIC_OFFSET, has_dicom_preamble, read_dicom
+from cxrnn.data import errors as _errors
+from cxrnn.data.dicom import DICOM_MAGIC_OFFSET, dicom_size, has_dicom_preamble, read_dicom
 from cxrnn.data.errors import (
+    BLANK_REASON,
+    MAX_FILE_BYTES,
     MAX_PIXELS,
     MIN_SIDE,
     ImageReadError,
     as_read_error,
     check_size,
     minmax_unit,
+    not_regular_reason,
     one_line,
     os_error_reason,
 )
@@ -36,7 +41,10 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "MIN_SIDE",
     "MAX_PIXELS",
+    "MAX_FILE_BYTES",
     "ImageReadError",
+    "check_regular_file",
+    "header_size",
     "as_read_error",
     "os_error_reason",
     "read_image",
@@ -117,11 +125,87 @@ def is_image_file(path: Path) -> bool:
     if suffix and not _has_numeric_suffix(path):
         return False
     try:
-        with path.open("rb") as fh:
-            head = fh.read(DICOM_MAGIC_OFFSET + 4)
-    except OSError:
+        # Sniffing opens the file: a FIFO would block here forever.
+        head = _read_regular(path, path, DICOM_MAGIC_OFFSET + 4, enforce_cap=False)
+    except ImageReadError:
         return False
     return has_dicom_preamble(head)
+
+
+def check_regular_file(path: str | Path, label: str | Path | None = None) -> os.stat_result:
+    """The stat of ``path`` if it is a regular file within MAX_FILE_BYTES, else ImageReadError.
+
+    Anything that opens user-named files should call this first: opening a FIFO
+    blocks forever and a device such as /dev/zero never ends.
+    """
+    path = Path(path)
+    return _stat_checked(path, Path(label) if label is not None else path, enforce_cap=True)
+
+
+def _stat_checked(path: Path, label: Path, enforce_cap: bool) -> os.stat_result:
+    try:
+        st = os.stat(path)  # follows links: a link to /dev/zero is a device
+    except OSError as exc:
+        raise ImageReadError(label, os_error_reason(exc, path)) from None
+    _check_stat(st, label, enforce_cap)
+    return st
+
+
+def _check_stat(st: os.stat_result, label: Path, enforce_cap: bool) -> None:
+    reason = not_regular_reason(st)
+    if reason is not None:
+        raise ImageReadError(label, reason)
+    # Looked up at call time so tests and callers can lower the cap.
+    if enforce_cap and st.st_size > _errors.MAX_FILE_BYTES:
+        raise ImageReadError(label, _errors.too_large_file_reason(st.st_size))
+
+
+def _read_regular(path: Path, label: Path, limit: int, enforce_cap: bool = True) -> bytes:
+    """At most ``limit`` bytes of a regular file, without ever blocking on a FIFO."""
+    _stat_checked(path, label, enforce_cap)
+    # O_NONBLOCK: if the path was swapped for a FIFO after the stat, open()
+    # returns at once instead of waiting for a writer, and fstat catches it.
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise ImageReadError(label, os_error_reason(exc, path)) from None
+    try:
+        fh = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with fh:
+        try:
+            _check_stat(os.fstat(fh.fileno()), label, enforce_cap)
+            return fh.read(limit)
+        except OSError as exc:
+            raise ImageReadError(label, os_error_reason(exc, path)) from None
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of the image :func:`read_image` would decode, from the header alone.
+
+    For a multi-frame DICOM this is one frame (only the first is decoded). None
+    when the content is not an image or its header cannot be read; read_image
+    then gives the reason. Unlike PIL's own check, a huge size is reported as
+    it is, so a size limit can name the real pixel count.
+    """
+    try:
+        fmt = sniff_format(data)
+        if fmt is None:
+            return None
+        if fmt == "dicom":
+            return dicom_size(data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            im = _open_pil(data, fmt)
+        try:
+            return int(im.size[0]), int(im.size[1])
+        finally:
+            im.close()
+    except Exception:  # the full reader gives the precise reason
+        return None
 
 
 def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
@@ -133,6 +217,8 @@ def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarra
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = Path(name) if name else Path("<bytes>")
         data = bytes(source)
+        if len(data) > _errors.MAX_FILE_BYTES:
+            raise ImageReadError(label, _errors.too_large_file_reason(len(data)))
     else:
         label = Path(name) if name else Path(source)
         data = _read_bytes(Path(source), label)
@@ -143,18 +229,46 @@ def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarra
     fmt = sniff_format(data)
     if fmt is None:
         raise ImageReadError(label, "not an image (unrecognised content)")
-    if fmt == "dicom":
-        img = read_dicom(data, label)
-    else:
-        img = _read_pil(data, fmt, label)
-    return np.ascontiguousarray(img, dtype=np.float32)
+    try:
+        # errstate: overflow in a hostile file's scaling must become one
+        # reason, not a stream of numpy RuntimeWarnings.
+        with np.errstate(all="ignore"):
+            img = read_dicom(data, label) if fmt == "dicom" else _read_pil(data, fmt, label)
+            img = np.ascontiguousarray(img, dtype=np.float32)
+            _check_pixels(img, label)
+    except ImageReadError:
+        raise
+    except MemoryError:
+        raise ImageReadError(label, "not enough memory to decode this image") from None
+    except Exception as exc:
+        # The decoders catch what they expect; anything else a library throws
+        # on hostile bytes is still this file's problem, not the batch's.
+        raise ImageReadError(
+            label, f"cannot decode {fmt.upper()} image ({type(exc).__name__}: {one_line(exc)})"
+        ) from None
+    return img
+
+
+def _check_pixels(img: np.ndarray, label: Path) -> None:
+    # One rule for every container: a DICOM, PNG or JPEG with no contrast
+    # carries no picture to diagnose, so none of them may reach a model.
+    if img.size == 0:
+        raise ImageReadError(label, "unreadable image (no pixels)")
+    lo, hi = float(img.min()), float(img.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ImageReadError(label, "invalid pixel values (NaN or infinity)")
+    if lo == hi:
+        raise ImageReadError(label, BLANK_REASON)
 
 
 def _read_bytes(path: Path, label: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ImageReadError(label, os_error_reason(exc, path)) from None
+    # One byte past the cap tells a file that grew (or lied in st_size, as
+    # /proc files do) apart from one exactly at the limit.
+    cap = _errors.MAX_FILE_BYTES
+    data = _read_regular(path, label, cap + 1)
+    if len(data) > cap:
+        raise ImageReadError(label, _errors.too_large_file_reason(None))
+    return data
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -166,23 +280,84 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------- PIL
 
 
+def _open_pil(data: bytes, fmt: str) -> Image.Image:
+    """Open with the sniffed format's plugin only, skipping PIL's decompression-bomb check.
+
+    PIL's check reports its own limit rather than the image's size (a 400 M pixel
+    bomb came out as "178,956,971 pixels"); check_size does the same job from the
+    same header and names the real size.
+    """
+    plugin = _PIL_FORMATS[fmt]
+    if plugin not in Image.OPEN:
+        Image.init()
+    factory, _accept = Image.OPEN[plugin]
+    return factory(io.BytesIO(data), "")
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+
+
+def _strip_png_text(data: bytes) -> bytes | None:
+    """The PNG without its text chunks, or None if it has none (or its chunks cannot be walked).
+
+    PIL refuses a PNG whose text exceeds its text limits (a guard against
+    zTXt bombs); the pixels do not depend on text, so a valid image with a big
+    comment is decoded without it instead of being called corrupt.
+    """
+    out = [_PNG_SIGNATURE]
+    pos = len(_PNG_SIGNATURE)
+    dropped = False
+    while pos + 12 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        end = pos + 12 + length
+        if end > len(data):
+            return None
+        kind = data[pos + 4:pos + 8]
+        if kind in _PNG_TEXT_CHUNKS:
+            dropped = True
+        else:
+            out.append(data[pos:end])
+        pos = end
+        if kind == b"IEND":
+            break
+    return b"".join(out) if dropped else None
+
+
 def _read_pil(data: bytes, fmt: str, label: Path) -> np.ndarray:
     with warnings.catch_warnings():
-        # Our own MAX_PIXELS guard replaces PIL's warning; PIL's hard error
-        # (above 2x its limit) is still caught below and reported the same way.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            im = Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[fmt]])
-        except Image.DecompressionBombError:
-            raise ImageReadError(
-                label, f"image too large (more than {MAX_PIXELS:,} pixels)"
-            ) from None
-        except UnidentifiedImageError:
-            raise ImageReadError(label, "truncated or corrupt image data") from None
-        except Exception as exc:  # PIL raises many types on malformed headers
-            raise ImageReadError(
-                label, f"truncated or corrupt image data ({one_line(exc)})"
-            ) from None
+        # PIL warns about corrupt EXIF, palette transparency and the like; the
+        # caller gets an image or one ImageReadError, never a stream of warnings.
+        warnings.simplefilter("ignore")
+        return _read_pil_quietly(data, fmt, label)
+
+
+def _read_pil_quietly(data: bytes, fmt: str, label: Path) -> np.ndarray:
+    try:
+        return _decode_pil(data, fmt, label)
+    except ImageReadError as exc:
+        if fmt != "png" or not exc.reason.startswith("truncated or corrupt"):
+            raise
+        stripped = _strip_png_text(data)
+        if stripped is None:
+            raise
+        return _decode_pil(stripped, fmt, label)
+
+
+def _decode_pil(data: bytes, fmt: str, label: Path) -> np.ndarray:
+    try:
+        im = _open_pil(data, fmt)
+    except Image.DecompressionBombError:
+        # Only from plugins that check again themselves (e.g. a TIFF frame).
+        raise ImageReadError(
+            label, f"image too large (more than {_errors.MAX_PIXELS:,} pixels)"
+        ) from None
+    except (SyntaxError, UnidentifiedImageError):
+        raise ImageReadError(label, "truncated or corrupt image data") from None
+    except Exception as exc:  # PIL raises many types on malformed headers
+        raise ImageReadError(
+            label, f"truncated or corrupt image data ({one_line(exc)})"
+        ) from None
 
     width, height = im.size
     check_size(label, width, height)
@@ -205,7 +380,21 @@ def _read_pil(data: bytes, fmt: str, label: Path) -> np.ndarray:
     if orientation not in (None, 1):
         im = ImageOps.exif_transpose(im)
 
+    _reject_fully_transparent(im, label)
     return _pil_to_grey(im, label)
+
+
+def _reject_fully_transparent(im: Image.Image, label: Path) -> None:
+    # Alpha is dropped when converting to grey, so an image that shows nothing
+    # would otherwise be judged by the colours hidden under zero alpha.
+    if "A" in im.getbands():
+        lo, hi = im.getchannel("A").getextrema()
+        if hi == 0:
+            raise ImageReadError(label, "blank image (fully transparent)")
+    elif im.mode == "P" and "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        if rgba.getchannel("A").getextrema()[1] == 0:
+            raise ImageReadError(label, "blank image (fully transparent)")
 
 
 def _pil_to_grey(im: Image.Image, label: Path) -> np.ndarray:

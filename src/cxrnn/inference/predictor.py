@@ -52,6 +52,9 @@ class Predictor:
 
     def __init__(self, bundle: ModelBundle, batch_size: int = 16, runtime: str = "torch", device: str = "cpu",
                  precision: str = "fp32"):
+        # the command line refuses the same values (exit 2); here they would loop forever or yield nothing
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, not {batch_size!r}")
         self.bundle = bundle
         self.batch_size = batch_size
         self.bundle.net.eval()

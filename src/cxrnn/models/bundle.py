@@ -106,56 +106,177 @@ def _resolved_head_options(bundle: ModelBundle) -> dict[str, Any]:
     return options
 
 
+class _NotAModel(Exception):
+    """Why a file is not a cxrnn model file (becomes the reason in one ValueError line)."""
+
+
+# What every readable model file holds: key -> type (checked before anything is built from it).
+_REQUIRED = {"classes": list, "backbone": dict, "preprocessing": dict, "head": dict, "feature_hw": list,
+             "state_dict": dict}
+
+
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> ModelBundle:
+    """Load ``model.pt``; a file that is not a whole, matching cxrnn model file raises one ValueError line,
+    ``PATH: not a cxrnn model file (reason)``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a cxrnn model file ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a cxrnn model file")
-    version = int(payload.get("format_version", 0))
-    if version > FORMAT_VERSION:
-        raise ValueError(f"{path}: made by a newer cxrnn (format {payload['format_version']})")
+        payload = _read_payload(path)
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise _NotAModel("no cxrnn-model format tag")
+        version = _format_version(payload)
+        if version > FORMAT_VERSION:
+            raise ValueError(f"{path}: made by a newer cxrnn (format {version}, this cxrnn reads up to "
+                             f"{FORMAT_VERSION})")
+        return _bundle_from(payload, version, device)
+    except _NotAModel as exc:
+        # from None: the chained torch text advises weights_only=False, which a user must never do
+        raise ValueError(f"{path}: not a cxrnn model file ({exc})") from None
+
+
+def _read_payload(path: Path) -> Any:
+    import pickle
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            # torch warns about a foreign pickle protocol before refusing it: the refusal is the message
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's text is not shown: it advises weights_only=False, which would run whatever the file holds
+        if "global" in str(exc).lower():  # the weights-only unpickler met a class or function to import
+            raise _NotAModel("it holds Python objects besides tensors and plain values; it was not loaded") from None
+        raise _NotAModel("not a readable PyTorch file (UnpicklingError)") from None
+    except MemoryError:
+        raise
+    except OSError as exc:  # the file is there but unreadable: say so, not that it is the wrong kind
+        raise ValueError(f"{path}: model file cannot be read ({exc.strerror or type(exc).__name__})") from None
+    except Exception as exc:  # torch reports random bytes and truncation as RuntimeError, EOFError, ...
+        raise _NotAModel(f"not a readable PyTorch file ({type(exc).__name__})") from None
+
+
+def _format_version(payload: dict[str, Any]) -> int:
+    value = payload.get("format_version", 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _NotAModel(f"format_version {_short(value)} is not a number")
+    try:
+        return int(value)
+    except (ValueError, OverflowError):
+        raise _NotAModel(f"format_version {_short(value)} is not a number") from None
+
+
+def _short(value: Any) -> str:
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _bundle_from(payload: dict[str, Any], version: int, device: str | torch.device) -> ModelBundle:
+    missing = [k for k in _REQUIRED if k not in payload]
+    if missing:
+        raise _NotAModel(f"missing {', '.join(missing)}")
+    for key, kind in _REQUIRED.items():
+        if not isinstance(payload[key], kind):
+            raise _NotAModel(f"{key} is a {type(payload[key]).__name__}, not a {kind.__name__}")
+    for key, sub in (("backbone", ("name", "weights")), ("head", ("name", "options"))):
+        lacking = [s for s in sub if s not in payload[key]]
+        if lacking:
+            raise _NotAModel(f"{key} lacks {', '.join(lacking)}")
+    classes = payload["classes"]
+    if not classes or not all(isinstance(c, str) for c in classes):
+        raise _NotAModel("classes is not a list of class names")
+    hw = payload["feature_hw"]
+    if len(hw) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in hw):
+        raise _NotAModel(f"feature_hw {_short(hw)} is not two positive integers")
+    if not isinstance(payload["head"]["options"], dict):
+        raise _NotAModel("head options are not a mapping")
     import timm
 
-    spec = get_spec(payload["backbone"]["name"])
-    prep = Preprocessing.from_dict(payload["preprocessing"])
-    backbone = Backbone(spec, timm.create_model(spec.timm_name, pretrained=False), payload["backbone"]["weights"])
-    backbone.preprocessing = prep
-    hw = tuple(payload["feature_hw"])
-    head_options = dict(payload["head"]["options"])
-    if version < 2 and payload["head"]["name"] in ("lstm", "gru", "bilstm"):
-        head_options.setdefault("summary", "last_mean")
-    head = create_head(
-        payload["head"]["name"],
-        spec.feature_channels,
-        hw[0] * hw[1],
-        len(payload["classes"]),
-        **head_options,
-    )
+    try:
+        spec = get_spec(str(payload["backbone"]["name"]))
+        prep = Preprocessing.from_dict(payload["preprocessing"])
+        backbone = Backbone(spec, timm.create_model(spec.timm_name, pretrained=False), payload["backbone"]["weights"])
+        backbone.preprocessing = prep
+        head_options = dict(payload["head"]["options"])
+        if version < 2 and payload["head"]["name"] in ("lstm", "gru", "bilstm"):
+            head_options.setdefault("summary", "last_mean")
+        head = create_head(str(payload["head"]["name"]), spec.feature_channels, hw[0] * hw[1], len(classes),
+                           **head_options)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise _NotAModel(f"cannot build its network: {_one_line(exc)}") from None
     net = CxrNet(backbone, head)
-    net.load_state_dict(payload["state_dict"])
+    _check_weights(net, payload["state_dict"])
+    try:
+        net.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise _NotAModel(f"its weights do not load: {_one_line(exc)}") from None
     net.eval().to(device)
     return ModelBundle(
         net=net,
-        classes=list(payload["classes"]),
+        classes=list(classes),
         preprocessing=prep,
         backbone_name=payload["backbone"]["name"],
         weights_id=payload["backbone"]["weights"],
         head_name=payload["head"]["name"],
         head_options=head_options,
         feature_hw=(int(hw[0]), int(hw[1])),
-        config=dict(payload.get("config", {})),
-        temperature=float(payload.get("temperature", 1.0)),
-        metrics=dict(payload.get("metrics", {})),
-        extras=dict(payload.get("extras", {})),
+        config=_mapping(payload, "config"),
+        temperature=_temperature(payload),
+        metrics=_mapping(payload, "metrics"),
+        extras=_mapping(payload, "extras"),
         created=str(payload.get("created", "")),
         format_version=version,
-        notes=_missing_for(version, dict(payload.get("metrics", {}))),
+        notes=_missing_for(version, _mapping(payload, "metrics")),
     )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= 160 else text[:157] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _check_weights(net: CxrNet, state: dict[str, Any]) -> None:
+    """Compare names and shapes first: load_state_dict's own error is many lines of every key."""
+    expected = net.state_dict()
+    bad_type = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k in expected if k in state and k not in bad_type
+              and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if not (bad_type or missing or unexpected or shapes):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {str(unexpected[0])[:60]})")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} of another shape (e.g. {k}: {list(state[k].shape)} in the file, "
+                     f"{list(expected[k].shape)} expected)")
+    if bad_type:
+        parts.append(f"{len(bad_type)} not tensors (e.g. {str(bad_type[0])[:60]})")
+    raise _NotAModel("its weights do not match its backbone and head: " + "; ".join(parts))
+
+
+def _mapping(payload: dict[str, Any], key: str) -> dict[str, Any]:
+    value = payload.get(key, {})
+    if not isinstance(value, dict):
+        raise _NotAModel(f"{key} is a {type(value).__name__}, not a mapping")
+    return dict(value)
+
+
+def _temperature(payload: dict[str, Any]) -> float:
+    value = payload.get("temperature", 1.0)
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise _NotAModel(f"temperature {_short(value)} is not a number") from None
+    if not t > 0 or t == float("inf"):
+        raise _NotAModel(f"temperature {_short(value)} is not a positive number")
+    return t
 
 
 def _missing_for(version: int, metrics: dict[str, Any]) -> list[str]:

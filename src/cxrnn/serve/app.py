@@ -19,7 +19,6 @@ import io
 import logging
 import threading
 import time
-import warnings
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -35,7 +34,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cxrnn.data.io import ImageReadError, read_image, sniff_format
+from cxrnn.data.io import ImageReadError, header_size, read_image, sniff_format
 from cxrnn.models.bundle import load_bundle
 from cxrnn.inference.predictor import Prediction, Predictor
 from cxrnn.serve.batching import MicroBatcher, QueueFullError
@@ -125,29 +124,10 @@ class BodyLimitMiddleware:
 
 
 def image_pixels(data: bytes) -> int | None:
-    """Pixel count from the container header without decoding the pixels (None if it cannot be read cheaply)."""
-    fmt = sniff_format(data)
-    if fmt is None:
-        return None
-    if fmt == "dicom":
-        import pydicom
-
-        try:
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-            return int(ds.Rows) * int(ds.Columns) * int(getattr(ds, "NumberOfFrames", 1) or 1)
-        except Exception:  # the full reader gives the precise reason
-            return None
-    from PIL import Image
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                return int(im.size[0]) * int(im.size[1])
-        except Image.DecompressionBombError:
-            return 2 * Image.MAX_IMAGE_PIXELS + 1
-        except Exception:
-            return None
+    """Pixel count of what would be decoded (one frame of a multi-frame DICOM), from the header alone;
+    None if it cannot be read cheaply (the full reader then gives the precise reason)."""
+    size = header_size(data)
+    return None if size is None else size[0] * size[1]
 
 
 def _png_b64(array: np.ndarray) -> str:

@@ -3,7 +3,8 @@
 Each field's ``metadata["help"]`` is its one-line description: ``cxrnn train`` builds one option per field
 from it (``cxrnn.cli.options``), so a new field is a new command-line option without a second spelling.
 ``metadata["flag"]`` names a boolean's switch when it is not plain ``--name``; ``metadata["cli"] = False``
-keeps a field YAML-only.
+keeps a field YAML-only. ``metadata["bounds"]`` (a ``Bounds``) is a number's allowed range: ``validate()``
+and the generated command-line option both check it, so the two can never disagree.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import math
 
 import yaml
 
@@ -23,8 +26,57 @@ SCHEDULES = ("constant", "exponential", "cosine")
 PRECISIONS = ("fp32", "bf16")
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """A closed or open numeric range; ``None`` leaves a side unbounded. NaN and infinities are never inside."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __str__(self) -> str:
+        left = f"{'>' if self.low_open else '>='} {self.low:g}" if self.low is not None else ""
+        right = f"{'<' if self.high_open else '<='} {self.high:g}" if self.high is not None else ""
+        if left and right:
+            return (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                    f"{')' if self.high_open else ']'}")
+        return left or right or "a number"
+
+    def contains(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+    def check(self, name: str, value: Any) -> None:
+        """Raise ``ValueError`` naming ``name`` when ``value`` is outside (the message the CLI shows too)."""
+        if not self.contains(value):
+            raise ValueError(f"{name} must be {self}, not {value!r}")
+
+
+def at_least(low: float) -> Bounds:
+    return Bounds(low=low)
+
+
+def above(low: float) -> Bounds:
+    return Bounds(low=low, low_open=True)
+
+
+def within(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Bounds:
+    return Bounds(low, high, low_open, high_open)
+
+
+def field_bounds(name: str) -> Bounds | None:
+    """TrainConfig's range for field ``name``: for commands whose options mean the same as a training option."""
+    return next(f for f in fields(TrainConfig) if f.name == name).metadata.get("bounds")
+
+
 def option(default: Any = None, help: str = "", *, default_factory: Any = None, **metadata: Any) -> Any:
-    """A dataclass field carrying its command-line help (and, optionally, ``flag`` or ``cli=False``)."""
+    """A dataclass field carrying its command-line help (and, optionally, ``flag``, ``cli=False`` or ``bounds``)."""
     meta = {"help": help, **metadata}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
@@ -39,56 +91,60 @@ class TrainConfig:
     head: str = option("bilstm", "bilstm, lstm, gru, pool or paper.")
     weights: str = option("imagenet", "imagenet, none or a local state-dict file.")
     out: str = option("runs/train", "Run directory.")
-    seed: int = option(0, "Random seed of the split, the head's initialisation and the batches.")
-    test_size: float = option(0.2, "Share held out for testing.")
-    val_size: float = option(0.1, "Share of the non-test part held out for early stopping.")
-    folds: int = option(0, "k-fold cross-validation on the non-test part when >= 2.")
+    seed: int = option(0, "Random seed of the split, the head's initialisation and the batches.", bounds=at_least(0))
+    test_size: float = option(0.2, "Share held out for testing.", bounds=within(0, 1, low_open=True, high_open=True))
+    val_size: float = option(0.1, "Share of the non-test part held out for early stopping.",
+                              bounds=within(0, 1, high_open=True))
+    folds: int = option(0, "k-fold cross-validation on the non-test part when >= 2.", bounds=at_least(0))
     group_by: str | None = option(None, "Manifest column (patient_id, source) whose groups never straddle a split.")
     optimizer: str = option("adamw", ", ".join(OPTIMIZERS[:-1]) + f" or {OPTIMIZERS[-1]}.")
-    lr: float = option(1e-3, "Learning rate (of the head, when fine-tuning).")
+    lr: float = option(1e-3, "Learning rate (of the head, when fine-tuning).", bounds=above(0))
     lr_schedule: str = option("cosine", ", ".join(SCHEDULES[:-1]) + f" or {SCHEDULES[-1]}.")
-    lr_decay: float = option(0.95, "Per-epoch factor of the exponential schedule.")
-    weight_decay: float = option(1e-4, "Weight decay of the optimizer.")
-    epochs: int = option(40, "Most epochs to train.")
-    batch_size: int = option(32, "Training batch size.")
-    patience: int = option(10, "Epochs without a better validation loss before stopping early (0: never).")
+    lr_decay: float = option(0.95, "Per-epoch factor of the exponential schedule.", bounds=within(0, 1, low_open=True))
+    weight_decay: float = option(1e-4, "Weight decay of the optimizer.", bounds=at_least(0))
+    epochs: int = option(40, "Most epochs to train.", bounds=at_least(1))
+    batch_size: int = option(32, "Training batch size.", bounds=at_least(1))
+    patience: int = option(10, "Epochs without a better validation loss before stopping early (0: never).",
+                           bounds=at_least(0))
     finetune: bool = option(False, "Train end to end (with augmentation) instead of a head on frozen features.",
                             flag="--finetune/--frozen")
     freeze_rnn: bool = option(False, "Keep the paper head's LSTM at random init, as the seed did.")
-    backbone_lr_scale: float = option(0.1, "With --finetune: the backbone's learning rate as a share of the head's.")
+    backbone_lr_scale: float = option(0.1, "With --finetune: the backbone's learning rate as a share of the head's.",
+                                      bounds=within(0, 1))
     # Fine-tuning only: cached features of a frozen backbone are fixed, so they cannot be augmented.
-    rotation: float = option(15.0, "With --finetune: degrees of train-time rotation.")
+    rotation: float = option(15.0, "With --finetune: degrees of train-time rotation.", bounds=within(0, 180))
     head_options: dict[str, Any] = option(help="Head keyword arguments (lstm_units, dense, hidden, ...).",
                                           default_factory=dict, cli=False)
     preset: str | None = option(None, "'paper': RMSprop, lr 2e-4*0.95^epoch, batch 16, 20 epochs, paper head.")
     cache_dir: str | None = option(None, "Feature cache folder (default ~/.cache/cxrnn/features).")
     feature_dtype: str = option("float32", "float32 or float16 feature store (half the disk and I/O).")
-    extract_batch_size: int = option(16, "Batch size of the feature extraction.")
+    extract_batch_size: int = option(16, "Batch size of the feature extraction.", bounds=at_least(1))
     extract_runtime: str = option("auto", "auto (onnxruntime for fp32 on the CPU, else torch), torch or onnx: "
                                           "what runs the frozen backbone.")
     strict: bool = option(False, "Stop at the first unreadable file.")
     device: str = option("cpu", "cpu or cuda; under torchrun each process uses its local GPU.")
-    bootstrap: int = option(DEFAULT_BOOTSTRAP, "Bootstrap resamples for the test metrics' 95% intervals (0: none).")
+    bootstrap: int = option(DEFAULT_BOOTSTRAP, "Bootstrap resamples for the test metrics' 95% intervals (0: none).",
+                           bounds=at_least(0))
     dedup: bool = option(True, "Keep exact and near-duplicate images on one side of every split.")
     near_duplicate_threshold: int = option(DEFAULT_THRESHOLD, "pHash bits (of 256) within which two images "
-                                                              "count as copies.")
+                                                              "count as copies.", bounds=within(0, 256))
     align_threshold: float = option(DEFAULT_ALIGN_THRESHOLD, "Band-pass NCC after alignment for shifted, cropped "
-                                                             "or rotated copies (0: pHash only).")
+                                                             "or rotated copies (0: pHash only).", bounds=within(0, 1))
     leave_one_source_out: bool = option(False, "Also train on all sources but one and test on that one, for each.")
     precision: str = option("fp32", "fp32 or bf16 autocast for extraction, training and the saved model's default.")
-    workers: int = option(0, "DataLoader processes decoding images (0: in process).")
+    workers: int = option(0, "DataLoader processes decoding images (0: in process).", bounds=at_least(0))
     image_cache: str | None = option(None, "Folder caching decoded images at the input size (reused across runs).")
+    allow_outside_paths: bool = option(False, "Accept manifest paths that resolve outside the manifest's folder.")
 
     def validate(self) -> "TrainConfig":
+        for f in fields(self):
+            if "bounds" in f.metadata:
+                f.metadata["bounds"].check(f.name, getattr(self, f.name))
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {self.optimizer!r}")
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {SCHEDULES}, not {self.lr_schedule!r}")
-        if not 0 < self.test_size < 1:
-            raise ValueError("test_size must be between 0 and 1")
-        if not 0 <= self.val_size < 1:
-            raise ValueError("val_size must be in [0, 1)")
-        if self.folds == 1 or self.folds < 0:
+        if self.folds == 1:
             raise ValueError("folds must be 0 (no k-fold) or >= 2")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
@@ -96,12 +152,6 @@ class TrainConfig:
 
         if self.extract_runtime not in EXTRACT_RUNTIMES:
             raise ValueError(f"extract_runtime must be one of {', '.join(EXTRACT_RUNTIMES)}, not {self.extract_runtime!r}")
-        if not 0 <= self.backbone_lr_scale <= 1:
-            raise ValueError("backbone_lr_scale must be in [0, 1]")
-        if not 0 <= self.align_threshold <= 1:
-            raise ValueError("align_threshold must be in [0, 1] (0 turns the alignment pass off)")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("epochs, batch_size and lr must be positive")
         return self
 
     def to_dict(self) -> dict[str, Any]:

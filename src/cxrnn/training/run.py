@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,14 +136,27 @@ def prepare_data(cfg: TrainConfig, dataset: Dataset, kept: Sequence[int], digest
     ``hashes``: duplicate hashes of the images the fitter decoded)."""
     kept = list(kept)
     labels = dataset.labels()[kept]
+    # again after the fitter's read: unreadable files may have left a class too small
+    check_class_counts({c: int((labels == i).sum()) for i, c in enumerate(dataset.classes)}, cfg, len(skipped))
     groups = group_array(dataset, cfg.group_by)
     groups = groups[kept] if groups is not None else None
     paths = [str(dataset.samples[i].path) for i in kept]
     groups, dedup_info = split_groups(paths, groups, cfg, log, digests=[digests[i] for i in kept], hashes=hashes)
     split = train_val_test_split(labels, cfg.test_size, val_size, cfg.seed, groups)
+    _warn_missing_classes(split, labels, dataset.classes, val_size, log)
     info = {"train": int(len(split.train)), "val": int(len(split.val)), "test": int(len(split.test)),
             "seed": cfg.seed, "group_by": cfg.group_by, **dedup_info}
     return PreparedData(dataset, kept, labels, paths, groups, split, info, list(skipped))
+
+
+def _warn_missing_classes(split: Split, labels: np.ndarray, classes: Sequence[str], val_size: float, log: Log) -> None:
+    # The count rule (check_class_counts) cannot promise this for unbalanced classes or group-wise splits.
+    for part, rows in (("test", split.test), ("validation", split.val if val_size > 0 else None)):
+        if rows is None:
+            continue
+        absent = [c for i, c in enumerate(classes) if (labels == i).any() and not (labels[rows] == i).any()]
+        if absent:
+            log(f"warning: the {part} split holds no image of {', '.join(absent)}: give those classes more images")
 
 
 def finish_run(cfg: TrainConfig, run_dir: Path, data: PreparedData, model: FittedModel, log: Log) -> TrainResult:
@@ -221,3 +235,43 @@ def timer() -> Callable[[], float]:
     """Seconds since the call, for the run's timings."""
     start = time.perf_counter()
     return lambda: time.perf_counter() - start
+
+
+def min_images_per_class(cfg: TrainConfig) -> tuple[int, str]:
+    """The fewest images a class needs for the split ``cfg`` asks, and the rule in words.
+
+    A class of ``n`` images gets about ``n * test_size`` of the stratified test split, so it needs
+    ``ceil(1 / test_size)`` for one; what is left (``n * (1 - test_size)``) must hold one image for each
+    part after it: training, and validation when ``val_size > 0`` (or each of the k folds).
+    """
+    folds = cfg.folds if cfg.folds and not cfg.finetune else 0  # fine-tuning ignores --folds
+    if folds:
+        parts, after = folds, f"one for each of the {folds} folds"
+    elif cfg.val_size > 0:
+        parts, after = 2, "one for training and one for validation"
+    else:
+        parts, after = 1, "one for training"
+    for_test = math.ceil(1 / cfg.test_size - 1e-9)
+    for_rest = math.ceil(parts / (1 - cfg.test_size) - 1e-9)
+    rule = (f"ceil(1 / test_size {cfg.test_size:g}) = {for_test} for one in the test split, and "
+            f"ceil({parts} / (1 - test_size)) = {for_rest} so that the rest holds {after}")
+    return max(for_test, for_rest), rule
+
+
+def check_class_counts(counts: dict[str, int], cfg: TrainConfig, skipped: int = 0) -> None:
+    """Refuse a dataset the split asked cannot be made from: one class only, or a class too small.
+
+    A single class would "train" a model that answers it to everything, and a class missing from the
+    test or validation split is silently never measured or never early-stopped on.
+    """
+    after = f" (after skipping {skipped} unreadable file(s))" if skipped else ""
+    present = {c: n for c, n in counts.items() if n > 0}
+    if len(present) < 2:
+        found = ", ".join(f"{c} {n}" for c, n in present.items()) or "no images"
+        raise ValueError(f"{cfg.data}: training needs images of at least two classes, found {found}{after}")
+    minimum, rule = min_images_per_class(cfg)
+    few = {c: n for c, n in counts.items() if n < minimum}
+    if few:
+        listed = ", ".join(f"{c} {n}" for c, n in few.items())
+        raise ValueError(f"{cfg.data}: too few images per class for the split asked{after}: {listed}; every class "
+                         f"needs at least {minimum} ({rule})")

@@ -6,7 +6,10 @@ hashes) and of a model file's version; it is computed once per file per command 
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import stat
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -19,7 +22,10 @@ def bytes_digest(data: bytes) -> str:
 
 
 def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in chunks."""
+    """sha256 of a file's bytes, read in chunks; anything but a regular file is an OSError, because
+    opening a FIFO blocks forever and a device such as /dev/zero never ends."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
