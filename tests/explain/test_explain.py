@@ -245,3 +245,23 @@ def test_single_lesion_maps_peak_near_the_lesion(bundle, phantom_dir):
     hits = round(pneumonia["hit_rate"] * n)
     assert binom.sf(hits - 1, n, pneumonia["chance_hit_rate"]) < 0.01, (hits, n, pneumonia["chance_hit_rate"])
     assert pneumonia["energy_in_lesion"] > 1.5 * pneumonia["lesion_area_share"]
+
+
+def test_explanations_carry_the_out_of_distribution_verdict(trained_run, phantom_dir, tmp_path):
+    from cxrnn.inference import Predictor
+
+    good = sorted((phantom_dir / "normal").glob("*.png"))[0]
+    noise = tmp_path / "noise.png"  # nothing like a chest X-ray
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 160), dtype=np.uint8)).save(noise)
+    out = tmp_path / "maps"
+    result = CliRunner().invoke(app, ["explain", str(trained_run.model_path), str(good), str(noise), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = {line.split(":")[0]: line for line in result.output.splitlines() if line.endswith("_panel.png")}
+    assert "OUT OF DISTRIBUTION" in lines[str(noise)] and "OUT OF DISTRIBUTION" not in lines[str(good)]
+    entries = {Path(e["path"]).name: e for e in json.loads((out / "explanations.json").read_text())["images"]}
+    assert entries["noise.png"]["ood"]["flagged"] and not entries[good.name]["ood"]["flagged"]
+    # the verdict is the predictor's: same score, same threshold
+    predicted = {Path(p.path).name: p.ood for p in Predictor.from_file(trained_run.model_path).predict_paths([good, noise])}
+    for name, entry in entries.items():
+        assert entry["ood"]["threshold"] == predicted[name]["threshold"]
+        assert entry["ood"]["score"] == pytest.approx(predicted[name]["score"], rel=1e-4)

@@ -52,7 +52,8 @@ def explain(
             warn(f"skipped {exp.error}")
         else:
             probs = "  ".join(f"{c} {v:.3f}" for c, v in exp.probabilities.items())
-            out_console.print(f"{printable(exp.path)}: [bold]{exp.label}[/bold]  ({probs})  map of "
+            flag = "  [bold red]OUT OF DISTRIBUTION[/bold red]" if exp.out_of_distribution else ""
+            out_console.print(f"{printable(exp.path)}: [bold]{exp.label}[/bold]  ({probs}){flag}  map of "
                               f"'{printable(exp.target)}' -> {printable(Path(written['panel']).name)}",
                               highlight=False, soft_wrap=True)
 

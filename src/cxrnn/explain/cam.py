@@ -98,11 +98,17 @@ class Explanation:
     target: str | None = None  # class whose score the map explains
     probabilities: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    ood: dict[str, Any] | None = None  # {"score", "threshold", "flagged"}; None if the model has no OOD gate
 
     def to_dict(self) -> dict[str, Any]:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
-        return {"path": self.path, "label": self.label, "target": self.target, "probabilities": self.probabilities}
+        return {"path": self.path, "label": self.label, "target": self.target, "probabilities": self.probabilities,
+                "ood": self.ood}
+
+    @property
+    def out_of_distribution(self) -> bool:
+        return bool(self.ood and self.ood["flagged"])
 
 
 @dataclass
@@ -172,7 +178,8 @@ class CamExplainer:
         self._saved_requires_grad = [(p, p.requires_grad) for p in bundle.net.parameters()]
         bundle.net.requires_grad_(False)
         self._cam = cam_cls(model=bundle.net, target_layers=[self.layer])
-        self._ood = MahalanobisScore(OodStats.from_extras(bundle.extras), bundle.net.backbone.spec.feature_channels)
+        self._ood_stats = OodStats.from_extras(bundle.extras)
+        self._ood = MahalanobisScore(self._ood_stats, bundle.net.backbone.spec.feature_channels)
         self._temperature = torch.tensor(float(bundle.temperature))  # a tensor, as in the inference graph
         self._feature_map: torch.Tensor | None = None
         self._handles = self._gate_hooks()
@@ -318,6 +325,10 @@ class CamExplainer:
             target=self.classes[result.target] if self.method != "eigencam" else None,
             label=self.classes[int(np.argmax(result.probabilities))],
             probabilities={c: float(p) for c, p in zip(self.classes, result.probabilities)},
+            # A map of an image unlike the training data explains a meaningless label: say so with it.
+            ood=None if self._ood_stats is None else {
+                "score": float(result.ood_score), "threshold": self._ood_stats.threshold,
+                "flagged": bool(result.ood_score > self._ood_stats.threshold)},
         )
 
     def explain_paths(

@@ -122,7 +122,9 @@ def write_explanation(
     files = {
         "overlay": save_png(out / f"{name}_cam.png", overlay_cam(exp.image, exp.cam, alpha, colormap)),
         "panel": save_panel(out / f"{name}_panel.png", exp.image, exp.cam, exp.probabilities,
-                            title=f"{Path(exp.path).name}: predicted {exp.label}", target=exp.target,
+                            title=f"{Path(exp.path).name}: predicted {exp.label}"
+                            + (" (OUT OF DISTRIBUTION: unlike the training images)" if exp.out_of_distribution else ""),
+                            target=exp.target,
                             alpha=alpha, colormap=colormap),
         "map": save_npy(out / f"{name}_cam.npy", exp.cam.astype(np.float32)),
     }

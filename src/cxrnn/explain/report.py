@@ -45,6 +45,8 @@ def add_panels_to_report(run_dir: str | Path, per_class: int = 2, extra_images: 
             continue
         true = truth.get(entry["path"])
         caption = f"{name}: " + (f"true {true}, " if true else "") + f"predicted {entry['label']}"
+        if (entry.get("ood") or {}).get("flagged"):
+            caption += " (out of distribution: unlike the training images)"
         panel = Path(os.path.relpath(entry["files"]["panel"], run_dir)).as_posix()
         lines += [f"**{caption}**", "", f"![{caption}]({panel})", ""]
     _insert_section(run_dir / "report.md", lines)
