@@ -239,3 +239,11 @@ def test_bad_settings_are_refused(served_model):
         create_app(served_model, batch=0)
     with pytest.raises(ValueError, match="runtime"):
         create_app(served_model, runtime="tensorrt")
+
+
+def test_an_upload_with_two_images_is_refused_not_half_answered(client, encode):
+    png = encode.png(np.full((64, 64), 90, np.uint8) + np.eye(64, dtype=np.uint8) * 60)
+    files = [("file", ("a.png", png, "image/png")), ("file", ("b.png", png, "image/png"))]
+    for path in ("/v1/predict", "/v1/explain"):
+        assert_error(client.post(path, files=files), 422, "one image per request", "2 'file' fields")
+    assert upload(client, png).status_code == 200  # one image is answered as before

@@ -290,6 +290,12 @@ def create_app(
             raise ServeError(413, f"upload too large (limit {max_mb:g} MB)")
         return data
 
+    async def one_upload(request: Request) -> None:
+        """Refuse an upload holding several images: answering one of them would be a silent guess."""
+        count = len((await request.form()).getlist("file"))  # the form FastAPI parsed already (cached)
+        if count > 1:
+            raise ServeError(422, f"one image per request: the upload has {count} 'file' fields")
+
     async def decode_upload(file: UploadFile) -> tuple[np.ndarray, str, str]:
         data = await read_upload(file)
         name = Path(file.filename or "upload").name
@@ -332,21 +338,25 @@ def create_app(
         return service.card
 
     @app.post("/v1/predict", response_model=PredictResponse, responses=ERRORS)
-    async def predict(file: UploadFile = File(..., description="PNG, JPEG or DICOM chest X-ray")) -> dict[str, Any]:
+    async def predict(request: Request,
+                      file: UploadFile = File(..., description="PNG, JPEG or DICOM chest X-ray")) -> dict[str, Any]:
         """Class probabilities and the out-of-distribution flag for one image."""
         started = time.perf_counter()
+        await one_upload(request)
         result = await within_deadline(decode_and_predict(file), started)
         result["timing_ms"] = (time.perf_counter() - started) * 1000
         return result
 
     @app.post("/v1/explain", response_model=ExplainResponse, responses=ERRORS)
     async def explain(
+        request: Request,
         file: UploadFile = File(..., description="PNG, JPEG or DICOM chest X-ray"),
         target: Optional[str] = Form(None, description="class to explain (default: the predicted one)"),
         method: str = Form("gradcam", description="gradcam, gradcam++ or eigencam"),
     ) -> dict[str, Any]:
         """The prediction plus a class activation map of the target class, as base64 PNGs."""
         started = time.perf_counter()
+        await one_upload(request)
         target = target or None  # an empty form field means "the predicted class"
         if method not in SERVER_CAM_METHODS:
             raise ServeError(422, f"unknown method {method!r}: use one of {', '.join(SERVER_CAM_METHODS)}")
