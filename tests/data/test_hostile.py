@@ -267,36 +267,13 @@ def test_bomb_reports_its_real_pixel_count(tmp_path):
     assert header_size(p.read_bytes()) == (20000, 20000)
 
 
-def _dicom(arr: np.ndarray, rows: bool = True, **tags) -> bytes:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.set_pixel_data(arr, "MONOCHROME2", 12)
-    if not rows:
-        del ds.Rows
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 def _gradient() -> np.ndarray:
     return (np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) % 4096).astype(np.uint16)
 
 
-def test_huge_rescale_slope_is_a_clear_reason_without_warnings(tmp_path):
+def test_huge_rescale_slope_is_a_clear_reason_without_warnings(tmp_path, dicom_bytes):
     p = tmp_path / "slope.dcm"
-    p.write_bytes(_dicom(_gradient(), RescaleSlope="1e300", RescaleIntercept="0"))
+    p.write_bytes(dicom_bytes(_gradient(), bits_stored=12, RescaleSlope="1e300", RescaleIntercept="0"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # any warning fails the test
         with pytest.raises(ImageReadError) as info:
@@ -307,10 +284,10 @@ def test_huge_rescale_slope_is_a_clear_reason_without_warnings(tmp_path):
     )
 
 
-def test_dicom_without_rows_names_the_missing_tag(tmp_path):
+def test_dicom_without_rows_names_the_missing_tag(tmp_path, dicom_bytes):
     a, b = tmp_path / "a.dcm", tmp_path / "b.dcm"
-    a.write_bytes(_dicom(_gradient(), rows=False))
-    b.write_bytes(_dicom(_gradient(), rows=False, WindowCenter="2000", WindowWidth="4000"))
+    a.write_bytes(dicom_bytes(_gradient(), bits_stored=12, rows=False))
+    b.write_bytes(dicom_bytes(_gradient(), bits_stored=12, rows=False, WindowCenter="2000", WindowWidth="4000"))
     good = _good_png(tmp_path / "good.png")
     results = _read_all([a, b, good])
     assert results[a] == f"{a}: unreadable DICOM (no Rows in header)"

@@ -59,39 +59,6 @@ def _assert_left_bright(img: np.ndarray, hi: float = 1.0, lo: float = 0.0, tol: 
 # ------------------------------------------------------------------ DICOM
 
 
-def _dicom_bytes(
-    arr: np.ndarray,
-    photometric: str = "MONOCHROME2",
-    bits_stored: int | None = None,
-    pixels: bool = True,
-    **tags,
-) -> bytes:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    if pixels:
-        if bits_stored is None:
-            bits_stored = arr.dtype.itemsize * 8
-        ds.set_pixel_data(arr, photometric, bits_stored)
-    else:
-        ds.Rows, ds.Columns = arr.shape[:2]
-        ds.PhotometricInterpretation = photometric
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 # ------------------------------------------------------------ good formats
 
 
@@ -182,10 +149,10 @@ def test_tiff_float():
     _assert_left_bright(img, hi=0.75, lo=0.25, tol=1e-6)
 
 
-def test_dicom_monochrome2_rescale_and_window(tmp_path):
+def test_dicom_monochrome2_rescale_and_window(tmp_path, dicom_bytes):
     stored = np.tile(np.linspace(0, 4000, W, dtype=np.float64), (H, 1)).astype(np.uint16)
     slope, intercept, center, width = 2.0, -1000.0, 3000.0, 4000.0
-    data = _dicom_bytes(
+    data = dicom_bytes(
         stored,
         bits_stored=12,
         RescaleSlope=slope,
@@ -207,13 +174,13 @@ def test_dicom_monochrome2_rescale_and_window(tmp_path):
     (None, 1500.0, 2000.0), ("LINEAR", 800.0, 300.0), ("LINEAR_EXACT", 2000.5, 1000.0),
     ("SIGMOID", 1200.0, 900.0), ("LINEAR", [900.0, 2500.0], [400.0, 1500.0]),
 ])
-def test_dicom_fast_window_matches_pydicom(tmp_path, function, center, width):
+def test_dicom_fast_window_matches_pydicom(tmp_path, function, center, width, dicom_bytes):
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     stored = np.tile(np.linspace(0, 4095, W, dtype=np.float64), (H, 1)).astype(np.uint16)
     extra = {"VOILUTFunction": function} if function else {}
-    path = _write(tmp_path, "w.dcm", _dicom_bytes(stored, bits_stored=12, WindowCenter=center, WindowWidth=width, **extra))
+    path = _write(tmp_path, "w.dcm", dicom_bytes(stored, bits_stored=12, WindowCenter=center, WindowWidth=width, **extra))
     ds = pydicom.dcmread(path)
     lo, hi = window_output_range(ds)
     reference = (np.asarray(apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds), dtype=np.float64) - lo) / (hi - lo)
@@ -223,39 +190,39 @@ def test_dicom_fast_window_matches_pydicom(tmp_path, function, center, width):
     assert 0 < img.mean() < 1
 
 
-def test_dicom_monochrome1_inverted(tmp_path):
+def test_dicom_monochrome1_inverted(tmp_path, dicom_bytes):
     stored = _left_bright(np.uint16, hi=3000, lo=200)
-    img = read_image(_dicom_bytes(stored, "MONOCHROME1", bits_stored=12))
+    img = read_image(dicom_bytes(stored, "MONOCHROME1", bits_stored=12))
     _assert_grey01(img)
     # MONOCHROME1: high stored value = dark, so the stored-bright left is dark.
     _assert_left_bright(img, hi=0.0, lo=1.0, tol=1e-6)
 
 
-def test_dicom_monochrome2_no_voi_minmax(tmp_path):
+def test_dicom_monochrome2_no_voi_minmax(tmp_path, dicom_bytes):
     stored = _left_bright(np.uint16, hi=3000, lo=200)
-    img = read_image(_dicom_bytes(stored, bits_stored=12))
+    img = read_image(dicom_bytes(stored, bits_stored=12))
     _assert_left_bright(img, tol=1e-6)
 
 
-def test_dicom_rgb_to_grey():
+def test_dicom_rgb_to_grey(dicom_bytes):
     rgb = np.zeros((H, W, 3), np.uint8)
     rgb[:, : W // 2] = 255
-    img = read_image(_dicom_bytes(rgb, "RGB", bits_stored=8))
+    img = read_image(dicom_bytes(rgb, "RGB", bits_stored=8))
     _assert_grey01(img)
     _assert_left_bright(img, tol=1e-3)
 
 
-def test_dicom_multiframe_first_frame():
+def test_dicom_multiframe_first_frame(dicom_bytes):
     frames = np.zeros((3, H, W), np.uint16)
     frames[0, :, : W // 2] = 1000
     frames[1:, :, W // 2 :] = 1000  # later frames are the opposite
-    img = read_image(_dicom_bytes(frames, bits_stored=12))
+    img = read_image(dicom_bytes(frames, bits_stored=12))
     _assert_grey01(img)
     _assert_left_bright(img, tol=1e-6)
 
 
-def test_dicom_without_suffix_is_image_file(tmp_path):
-    data = _dicom_bytes(_left_bright(np.uint16, hi=1000), bits_stored=12)
+def test_dicom_without_suffix_is_image_file(tmp_path, dicom_bytes):
+    data = dicom_bytes(_left_bright(np.uint16, hi=1000), bits_stored=12)
     plain = _write(tmp_path, "IM0001", data)
     uid_named = _write(tmp_path, "1.2.840.10008.99", data)
     text = _write(tmp_path, "README", b"hello")
@@ -274,20 +241,20 @@ def test_bytes_equal_path(tmp_path):
     np.testing.assert_array_equal(read_image(p), read_image(data))
 
 
-def test_extension_lies(tmp_path):
+def test_extension_lies(tmp_path, dicom_bytes):
     png = _save_pil(Image.fromarray(_left_bright()), "PNG")
-    dcm = _dicom_bytes(_left_bright(np.uint16, hi=1000), bits_stored=12)
+    dcm = dicom_bytes(_left_bright(np.uint16, hi=1000), bits_stored=12)
     _assert_left_bright(read_image(_write(tmp_path, "liar.jpg", png)))
     _assert_left_bright(read_image(_write(tmp_path, "liar.png", dcm)), tol=1e-6)
 
 
-def test_sniff_format():
+def test_sniff_format(dicom_bytes):
     assert sniff_format(_save_pil(Image.fromarray(_left_bright()), "PNG")) == "png"
     assert sniff_format(_save_pil(Image.fromarray(_left_bright()), "JPEG")) == "jpeg"
     assert sniff_format(_save_pil(Image.fromarray(_left_bright()), "BMP")) == "bmp"
     assert sniff_format(_save_pil(Image.fromarray(_left_bright()), "TIFF")) == "tiff"
     assert sniff_format(_save_pil(Image.fromarray(_left_bright()), "GIF")) == "gif"
-    assert sniff_format(_dicom_bytes(_left_bright(np.uint16), bits_stored=12)) == "dicom"
+    assert sniff_format(dicom_bytes(_left_bright(np.uint16), bits_stored=12)) == "dicom"
     assert sniff_format(b"just some text") is None
     assert sniff_format(b"") is None
 
@@ -331,8 +298,8 @@ def test_text_named_png(tmp_path):
     _check_bad(_write(tmp_path, "z.png", b"this is not an image\n"), "not an image")
 
 
-def test_dicom_without_pixel_data(tmp_path):
-    data = _dicom_bytes(_left_bright(np.uint16), pixels=False)
+def test_dicom_without_pixel_data(tmp_path, dicom_bytes):
+    data = dicom_bytes(_left_bright(np.uint16), pixels=False)
     _check_bad(_write(tmp_path, "a.dcm", data), "unreadable DICOM", "no pixel data")
 
 
@@ -347,8 +314,8 @@ def test_too_small(tmp_path):
     _check_bad(_write(tmp_path, "b.png", data), f"image too small (20x18 px, minimum {MIN_SIDE})")
 
 
-def test_too_small_dicom(tmp_path):
-    data = _dicom_bytes(np.arange(20 * 20, dtype=np.uint16).reshape(20, 20), bits_stored=12)
+def test_too_small_dicom(tmp_path, dicom_bytes):
+    data = dicom_bytes(np.arange(20 * 20, dtype=np.uint16).reshape(20, 20), bits_stored=12)
     _check_bad(_write(tmp_path, "s.dcm", data), "image too small (20x20 px")
 
 
@@ -362,8 +329,8 @@ def test_missing_file(tmp_path):
     _check_bad(tmp_path / "nope.png", "file not found")
 
 
-def test_blank_dicom(tmp_path):
-    data = _dicom_bytes(np.full((H, W), 7, np.uint16), bits_stored=12)
+def test_blank_dicom(tmp_path, dicom_bytes):
+    data = dicom_bytes(np.full((H, W), 7, np.uint16), bits_stored=12)
     _check_bad(_write(tmp_path, "c.dcm", data), "blank image (constant pixel value)")
 
 
