@@ -265,3 +265,30 @@ def test_explanations_carry_the_out_of_distribution_verdict(trained_run, phantom
     for name, entry in entries.items():
         assert entry["ood"]["threshold"] == predicted[name]["threshold"]
         assert entry["ood"]["score"] == pytest.approx(predicted[name]["score"], rel=1e-4)
+
+
+def test_a_large_image_is_explained_within_the_map_and_display_limits(bundle, trained_run, tmp_path, monkeypatch):
+    # The limits scaled down (the real ones are 4096 x 4096 map pixels and 2048 display pixels), so a
+    # 300 x 200 image stands in for a 9000 x 6000 scan: the map is kept within the pixel limit with the
+    # image's aspect, the overlay and panel are drawn at the display size, and the index says both sizes.
+    import cxrnn.explain.cam as cam_module
+
+    monkeypatch.setattr(cam_module, "MAP_MAX_PIXELS", 100 * 100)
+    monkeypatch.setattr(cam_module, "DISPLAY_MAX_SIDE", 64)
+    y, x = np.mgrid[0:300, 0:200]
+    Image.fromarray(((np.sin(x / 9) + np.cos(y / 13) + 2) * 60).astype(np.uint8)).save(tmp_path / "big.png")
+    out = tmp_path / "maps"
+    result = CliRunner().invoke(app, ["explain", str(trained_run.model_path), str(tmp_path / "big.png"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    (entry,) = json.loads((out / "explanations.json").read_text())["images"]
+    assert entry["image_size"] == [200, 300]
+    width, height = entry["map_size"]
+    assert width * height <= 100 * 100 and abs(height / width - 1.5) < 0.02
+    cam = np.load(out / "big_cam.npy")
+    assert cam.shape == (height, width) and cam.dtype == np.float32 and cam.max() > 0.5
+    with Image.open(out / "big_cam.png") as overlay:
+        assert overlay.size == (43, 64)  # the long side at the display limit, aspect kept
+    # The prediction is the one predict gives: the model saw the same input (the whole image resized).
+    (exp,) = explain(bundle, [tmp_path / "big.png"])
+    predicted = CliRunner().invoke(app, ["predict", str(trained_run.model_path), str(tmp_path / "big.png"), "--json"])
+    assert json.loads(predicted.output.splitlines()[-1])["probabilities"] == pytest.approx(exp.probabilities, abs=1e-6)

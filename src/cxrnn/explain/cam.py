@@ -28,7 +28,7 @@ from torch import nn
 from cxrnn.data.io import ImageReadError, read_image
 from cxrnn.models.bundle import ModelBundle, load_bundle
 from cxrnn.models.ood import MahalanobisScore, OodStats
-from cxrnn.models.preprocess import to_input_tensor
+from cxrnn.models.preprocess import resize_to_input, to_input_tensor
 
 if TYPE_CHECKING:
     from cxrnn.inference.predictor import Prediction, Predictor
@@ -89,7 +89,8 @@ METHODS = ("gradcam", "gradcam++", "xgradcam", "eigencam", "scorecam")
 
 @dataclass
 class Explanation:
-    """One image's map: ``cam`` is float32 (H, W) in [0, 1] at the original image size."""
+    """One image's map: ``cam`` is float32 in [0, 1] at the image's own size (``image_shape``), or scaled
+    to MAP_MAX_PIXELS for a larger image; ``image`` is the grey image at display size (``display_shape``)."""
 
     path: str
     image: np.ndarray | None = None
@@ -99,12 +100,17 @@ class Explanation:
     probabilities: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     ood: dict[str, Any] | None = None  # {"score", "threshold", "flagged"}; None if the model has no OOD gate
+    image_shape: tuple[int, int] | None = None  # the decoded image's (H, W); None: that of ``image``
 
     def to_dict(self) -> dict[str, Any]:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
-        return {"path": self.path, "label": self.label, "target": self.target, "probabilities": self.probabilities,
-                "ood": self.ood}
+        out = {"path": self.path, "label": self.label, "target": self.target, "probabilities": self.probabilities,
+               "ood": self.ood}
+        if self.cam is not None:
+            shape = self.image_shape or (self.image.shape[:2] if self.image is not None else self.cam.shape)
+            out.update(image_size=[int(shape[1]), int(shape[0])], map_size=[int(self.cam.shape[1]), int(self.cam.shape[0])])
+        return out
 
     @property
     def out_of_distribution(self) -> bool:
@@ -119,19 +125,71 @@ class CamResult:
     backbone map's spatial mean: the operations of ``cxrnn.inference.graph.InferenceModule``.
     """
 
-    cam: np.ndarray  # float32 (H, W) in [0, 1] at the image's own size
+    cam: np.ndarray  # float32 in [0, 1] at map_shape(the image's own size)
     probabilities: np.ndarray  # (K,)
     target: int  # index of the explained class
     ood_score: float
 
 
+# A map keeps its image's own size up to this many pixels (4096 x 4096: 64 MiB as float32); a larger image's
+# map is stored scaled down to fit, aspect kept. The map is computed at the model's input size either way.
+MAP_MAX_PIXELS = 4096 * 4096
+# Overlays and panels are drawn at most this many pixels on the long side (a 9000 x 9000 scan is not
+# drawn at 9000 x 9000: colour-mapping it alone would take gigabytes).
+DISPLAY_MAX_SIDE = 2048
+
+
+def map_shape(shape: tuple[int, int], max_pixels: int | None = None) -> tuple[int, int]:
+    """The size (H, W) a map of an image of ``shape`` is kept at: the image's own, or scaled to fit
+    ``max_pixels`` (default MAP_MAX_PIXELS)."""
+    max_pixels = MAP_MAX_PIXELS if max_pixels is None else max_pixels
+    h, w = int(shape[0]), int(shape[1])
+    if h * w <= max_pixels:
+        return h, w
+    scale = (max_pixels / (h * w)) ** 0.5
+    return max(1, int(h * scale)), max(1, int(w * scale))
+
+
+def display_shape(shape: tuple[int, int], max_side: int | None = None) -> tuple[int, int]:
+    """The size (H, W) an image of ``shape`` is drawn at: its own, or scaled so the long side is ``max_side``
+    (default DISPLAY_MAX_SIDE)."""
+    max_side = DISPLAY_MAX_SIDE if max_side is None else max_side
+    h, w = int(shape[0]), int(shape[1])
+    scale = min(1.0, max_side / max(h, w))
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
 def resize_map(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a map to ``shape`` (H, W), clipped to [0, 1]: undoes the square input resize."""
-    if cam.shape == tuple(shape):
+    """Bilinear resize of a [0, 1] map or grey image to ``shape`` (H, W), clipped to [0, 1].
+
+    Enlarging undoes the square input resize; shrinking (a display copy) is antialiased.
+    """
+    shape = (int(shape[0]), int(shape[1]))
+    if cam.shape == shape:
         return np.clip(cam, 0.0, 1.0).astype(np.float32, copy=False)
     t = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))[None, None]
-    out = F.interpolate(t, size=tuple(int(s) for s in shape), mode="bilinear", align_corners=False)
+    shrink = shape[0] < cam.shape[0] or shape[1] < cam.shape[1]
+    out = F.interpolate(t, size=shape, mode="bilinear", align_corners=False, antialias=shrink)
     return out[0, 0].clamp_(0.0, 1.0).numpy()
+
+
+@dataclass
+class ExplainInput:
+    """A decoded image reduced to what its explanation needs, so a batch never holds full-size scans.
+
+    ``model_image`` is the model's SxS input exactly as ``to_input_tensor`` would resize the original (so
+    predictions do not change), ``display`` a copy of at most DISPLAY_MAX_SIDE on the long side for the
+    overlay and panel, ``shape`` the original (H, W).
+    """
+
+    model_image: np.ndarray
+    display: np.ndarray
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_image(cls, image: np.ndarray, preprocessing: Any) -> "ExplainInput":
+        shape = (int(image.shape[0]), int(image.shape[1]))
+        return cls(resize_to_input(image, preprocessing), resize_map(image, display_shape(shape)), shape)
 
 
 def _differentiable_output(module: nn.Module, args: Any, output: Any) -> Any:
@@ -247,9 +305,9 @@ class CamExplainer:
             raise ValueError(f"unknown target class {target!r}: the model's classes are {', '.join(self.classes)}")
         return self.classes.index(target)
 
-    def explain_images(self, images: Sequence[np.ndarray], target: str | Sequence[str | None] | None = None
-                       ) -> list[CamResult]:
-        """One CamResult per grey [0,1] image, in batches of ``batch_size``.
+    def explain_images(self, images: Sequence[np.ndarray | ExplainInput],
+                       target: str | Sequence[str | None] | None = None) -> list[CamResult]:
+        """One CamResult per grey [0,1] image (or ExplainInput), in batches of ``batch_size``.
 
         ``target`` is a class name for all images, one name (or None) per image, or None for the predicted class.
         """
@@ -258,20 +316,24 @@ class CamExplainer:
             raise ValueError(f"{len(per_image)} targets for {len(images)} images")
         out: list[CamResult] = []
         for start in range(0, len(images), self.batch_size):
-            batch = list(images[start : start + self.batch_size])
+            batch = [self.explain_input(image) for image in images[start : start + self.batch_size]]
             out.extend(self._explain_batch(batch, [self._target_index(t) for t in per_image[start : start + len(batch)]]))
         return out
 
+    def explain_input(self, image: np.ndarray | ExplainInput) -> ExplainInput:
+        """``image`` reduced to its model input and display copy (an ExplainInput is returned as it is)."""
+        return image if isinstance(image, ExplainInput) else ExplainInput.from_image(image, self.bundle.preprocessing)
+
     def explain_arrays(
-        self, images: Sequence[np.ndarray], target: str | Sequence[str | None] | None = None
+        self, images: Sequence[np.ndarray | ExplainInput], target: str | Sequence[str | None] | None = None
     ) -> list[tuple[np.ndarray, np.ndarray, int]]:
-        """(map at each image's own size, class probabilities, explained class index) per grey [0,1] image."""
+        """(map at map_shape(each image's size), class probabilities, explained class index) per grey [0,1] image."""
         return [(r.cam, r.probabilities, r.target) for r in self.explain_images(images, target)]
 
-    def _explain_batch(self, images: list[np.ndarray], targets: list[int | None]) -> list[CamResult]:
+    def _explain_batch(self, inputs: list[ExplainInput], targets: list[int | None]) -> list[CamResult]:
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-        x = to_input_tensor(images, self.bundle.preprocessing)
+        x = to_input_tensor([item.model_image for item in inputs], self.bundle.preprocessing)
         if all(t is None for t in targets):
             cam_targets = None  # pytorch-grad-cam explains the top class
         else:
@@ -296,8 +358,9 @@ class CamExplainer:
         if cam_targets is None:
             targets = explained_logits.argmax(dim=1).tolist()
         probs_np, scores_np = self._predict_from_feature_map(fmap)
-        return [CamResult(resize_map(m, img.shape[:2]), p, int(t), float(s))
-                for m, img, p, t, s in zip(maps, images, probs_np, targets, scores_np)]
+        # The library returns maps at the model's input size; only the kept copy is enlarged, within MAP_MAX_PIXELS.
+        return [CamResult(resize_map(m, map_shape(item.shape)), p, int(t), float(s))
+                for m, item, p, t, s in zip(maps, inputs, probs_np, targets, scores_np)]
 
     def _predict_from_feature_map(self, fmap: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities, OOD scores) from the pass's backbone map, as the inference graph computes them.
@@ -318,9 +381,10 @@ class CamExplainer:
         device = next(self.bundle.net.parameters()).device
         return torch.backends.cudnn.flags(enabled=False) if device.type == "cuda" else contextlib.nullcontext()
 
-    def to_explanation(self, path: str, image: np.ndarray, result: CamResult) -> Explanation:
+    def to_explanation(self, path: str, image: np.ndarray | ExplainInput, result: CamResult) -> Explanation:
+        item = self.explain_input(image)
         return Explanation(
-            path=path, image=image, cam=result.cam,
+            path=path, image=item.display, cam=result.cam, image_shape=item.shape,
             # EigenCAM is class-agnostic: it explains no particular class.
             target=self.classes[result.target] if self.method != "eigencam" else None,
             label=self.classes[int(np.argmax(result.probabilities))],
@@ -342,12 +406,12 @@ class CamExplainer:
         paths = [str(p) for p in paths]
         for start in range(0, len(paths), self.batch_size):
             chunk = paths[start : start + self.batch_size]
-            read, errors = read_images(chunk)
+            read, errors = read_images(chunk, self.bundle.preprocessing)
             results = dict(errors)
             if read:
-                images = [img for _, img in read]
-                for (i, image), r in zip(read, self._explain_batch(images, [self._target_index(target)] * len(read))):
-                    results[i] = self.to_explanation(chunk[i], image, r)
+                inputs = [item for _, item in read]
+                for (i, item), r in zip(read, self._explain_batch(inputs, [self._target_index(target)] * len(read))):
+                    results[i] = self.to_explanation(chunk[i], item, r)
             yield from (results[i] for i in range(len(chunk)))
             if progress:
                 progress(min(start + len(chunk), len(paths)), len(paths))
@@ -357,13 +421,15 @@ def _float32_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(device="cpu", dtype=torch.float32).numpy()
 
 
-def read_images(paths: Sequence[str]) -> tuple[list[tuple[int, np.ndarray]], list[tuple[int, Explanation]]]:
-    """Decode each path once: (index, image) for the readable ones, (index, error Explanation) for the rest."""
-    read: list[tuple[int, np.ndarray]] = []
+def read_images(paths: Sequence[str], preprocessing: Any) -> tuple[list[tuple[int, ExplainInput]],
+                                                                    list[tuple[int, Explanation]]]:
+    """Decode each path once and reduce it at once (only one full-size image is held at a time):
+    (index, ExplainInput) for the readable ones, (index, error Explanation) for the rest."""
+    read: list[tuple[int, ExplainInput]] = []
     errors: list[tuple[int, Explanation]] = []
     for i, path in enumerate(paths):
         try:
-            read.append((i, read_image(path)))
+            read.append((i, ExplainInput.from_image(read_image(path), preprocessing)))
         except ImageReadError as err:
             errors.append((i, Explanation(path=path, error=str(err))))
     return read, errors
@@ -380,8 +446,8 @@ def cam_pass_predicts(predictor: "Predictor") -> bool:
 
 
 def predict_and_explain(
-    predictor: "Predictor", explainer: CamExplainer, images: Sequence[np.ndarray], paths: Sequence[str],
-    target: str | None = None,
+    predictor: "Predictor", explainer: CamExplainer, images: Sequence[np.ndarray | ExplainInput],
+    paths: Sequence[str], target: str | None = None,
 ) -> list[tuple["Prediction", Explanation]]:
     """The prediction and the map (of ``target``, default the predicted class) of each decoded image: one
     forward pass per batch where ``cam_pass_predicts(predictor)``, else the predictor's engine pass, then
@@ -392,11 +458,13 @@ def predict_and_explain(
     """
     if explainer.bundle is not predictor.bundle:
         raise ValueError("the explainer and the predictor must share one model bundle")
+    images = [explainer.explain_input(image) for image in images]
     if cam_pass_predicts(predictor):
         results = explainer.explain_images(images, target)
         predictions = [predictor.to_prediction(p, r.probabilities, r.ood_score) for p, r in zip(paths, results)]
     else:
-        probs, scores = predictor.predict_with_ood(images)
+        # The SxS model inputs: the predictor's own resize leaves them as they are.
+        probs, scores = predictor.predict_with_ood([item.model_image for item in images])
         predictions = [predictor.to_prediction(p, pr, s) for p, pr, s in zip(paths, probs, scores)]
         # The map explains the label reported, even where the two passes' last bits could tip a near tie.
         results = explainer.explain_images(images, [target or pred.label for pred in predictions])

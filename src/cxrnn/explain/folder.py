@@ -111,10 +111,10 @@ def predict_and_explain_to_dir(
                       batch_size=step if shared else min(step, MAX_CAM_BATCH)) as explainer:
         for start in range(0, len(paths), step):
             chunk = paths[start : start + step]
-            read, errors = read_images(chunk)
+            read, errors = read_images(chunk, predictor.bundle.preprocessing)
             results: dict[int, tuple[Prediction, Explanation]] = {
                 i: (Prediction(path=exp.path, error=exp.error), exp) for i, exp in errors}
-            pairs = predict_and_explain(predictor, explainer, [img for _, img in read],
+            pairs = predict_and_explain(predictor, explainer, [item for _, item in read],
                                         [chunk[i] for i, _ in read], target) if read else []
             results.update((i, pair) for (i, _), pair in zip(read, pairs))
             for i in range(len(chunk)):

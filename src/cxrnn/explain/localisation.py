@@ -29,7 +29,7 @@ from scipy import ndimage
 
 from cxrnn.data.dataset import Dataset, Sample, load_dataset
 from cxrnn.data.io import ImageReadError, read_image
-from cxrnn.explain.cam import CamExplainer
+from cxrnn.explain.cam import CamExplainer, ExplainInput, map_shape
 from cxrnn.explain.counterfactual import lesion_removed_test
 from cxrnn.models.bundle import ModelBundle
 from cxrnn.utils.atomic import atomic_write_text
@@ -138,18 +138,19 @@ def evaluate_explanations(
     errors: list[str] = []
     with CamExplainer(bundle, method=method, layer=layer, batch_size=batch_size) as explainer:
         for start in range(0, len(cases), batch_size):
-            batch: list[tuple[_Case, np.ndarray, np.ndarray, np.ndarray | None]] = []
+            batch: list[tuple[_Case, ExplainInput, np.ndarray, np.ndarray | None]] = []
             for case in cases[start : start + batch_size]:
                 try:
-                    image = read_image(case.sample.path)
-                    lesion = read_mask(case.sample.mask, image.shape[:2])  # type: ignore[arg-type]
-                    lungs = read_mask(case.lung_mask, image.shape[:2]) if case.lung_mask else None
+                    item = explainer.explain_input(read_image(case.sample.path))  # the full-size image is not kept
+                    shape = map_shape(item.shape)  # masks are scored at the size the maps are kept at
+                    lesion = read_mask(case.sample.mask, shape)  # type: ignore[arg-type]
+                    lungs = read_mask(case.lung_mask, shape) if case.lung_mask else None
                 except ImageReadError as err:
                     errors.append(str(err))
                     say(f"skipped {err}")
                     continue
                 if lesion.any():  # an empty mask marks a normal image
-                    batch.append((case, image, lesion, lungs))
+                    batch.append((case, item, lesion, lungs))
             if batch:
                 targets = [c.sample.label if target == "true" else None for c, _, _, _ in batch]
                 maps = explainer.explain_arrays([img for _, img, _, _ in batch], target=targets)

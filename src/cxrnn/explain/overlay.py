@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from cxrnn.data.io import to_uint8
-from cxrnn.explain.cam import Explanation
+from cxrnn.explain.cam import Explanation, display_shape, resize_map
 from cxrnn.utils.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:  # matplotlib loads only when a panel is drawn
@@ -114,14 +114,20 @@ class OutputNamer:
 def write_explanation(
     exp: Explanation, out_dir: str | Path, name: str, alpha: float = 0.4, colormap: str = "jet"
 ) -> dict[str, str]:
-    """NAME_cam.png (overlay), NAME_panel.png (image | overlay | probabilities), NAME_cam.npy (map in [0,1])."""
+    """NAME_cam.png (overlay), NAME_panel.png (image | overlay | probabilities), NAME_cam.npy (map in [0,1]).
+
+    The overlay and panel are drawn at the display size (at most DISPLAY_MAX_SIDE on the long side), the
+    map is saved as the explanation holds it (the image's own size up to MAP_MAX_PIXELS).
+    """
     if exp.error is not None or exp.image is None or exp.cam is None:
         raise ValueError(f"{exp.path}: nothing to write ({exp.error or 'no map'})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    image = resize_map(exp.image, display_shape(exp.image.shape[:2]))
+    shown = resize_map(exp.cam, image.shape[:2])
     files = {
-        "overlay": save_png(out / f"{name}_cam.png", overlay_cam(exp.image, exp.cam, alpha, colormap)),
-        "panel": save_panel(out / f"{name}_panel.png", exp.image, exp.cam, exp.probabilities,
+        "overlay": save_png(out / f"{name}_cam.png", overlay_cam(image, shown, alpha, colormap)),
+        "panel": save_panel(out / f"{name}_panel.png", image, shown, exp.probabilities,
                             title=f"{Path(exp.path).name}: predicted {exp.label}"
                             + (" (OUT OF DISTRIBUTION: unlike the training images)" if exp.out_of_distribution else ""),
                             target=exp.target,
