@@ -21,19 +21,25 @@ def serve(
                               callback=in_range(at_least(1))),
     batch_ms: float = typer.Option(10.0, help="Micro-batching: longest wait for more requests, in ms.",
                                    callback=in_range(at_least(0))),
-    timeout_s: float = typer.Option(30.0, help="Per-request time limit in seconds (504 beyond).",
+    timeout_s: float = typer.Option(30.0, help="Per-request time limit in seconds, from the first byte, upload "
+                                    "included (408 if the upload is not complete by then, 504 beyond).",
                                     callback=in_range(above(0))),
+    docs: bool = typer.Option(False, "--docs/--no-docs", help="Serve /docs (Swagger UI) from bundled assets, no "
+                              "CDN. /openapi.json is always served."),
     device: str = typer.Option("cpu", help="cpu or cuda (torch runtime)."),
     precision: str = typer.Option("fp32", help="fp32 or bf16 autocast (torch runtime)."),
 ) -> None:
-    """Serve the model: web page at /, POST /v1/predict and /v1/explain, GET /v1/model, /healthz, /docs."""
+    """Serve the model: web page at /, POST /v1/predict and /v1/explain, GET /v1/model, /healthz, /openapi.json.
+
+    uvicorn closes idle keep-alive connections after 5 s; it has no limit on how long request headers take.
+    """
     import uvicorn
 
     from cxrnn.serve.app import create_app
 
     try:
         api = create_app(model, runtime=runtime, max_mb=max_mb, batch=batch, batch_ms=batch_ms, timeout_s=timeout_s,
-                         device=device, precision=precision)
+                         device=device, precision=precision, docs=docs)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     out_console.print(f"serving {api.state.service.bundle.describe()} on http://{host}:{port}/ "

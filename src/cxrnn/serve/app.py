@@ -4,7 +4,11 @@ Hardening, in the order a request meets it: the body size is capped while it str
 is sniffed by content, never trusted by name; the pixel count is read from the header before anything is
 decoded (413, so a decompression bomb never allocates); every bad input is a 4xx JSON ``{"error": ...}``;
 one worker thread owns the model (micro-batching predictions), Grad-CAM shares its lock; each request has
-a time limit (504). Unexpected failures are a 500 JSON without traceback.
+one time limit, counted from its first byte: an upload still incomplete by then is a 408 and the connection
+is closed (a client that stalls or trickles its body cannot hold it open), processing past it is a 504.
+Unexpected failures are a 500 JSON without traceback. ``/docs`` and ``/redoc`` are off; with
+``create_app(docs=True)`` ``/docs`` is Swagger UI from the assets bundled in ``fastapi-offline`` (no CDN;
+ReDoc is left out, it fetches its logo from cdn.redoc.ly); ``/openapi.json`` is always there.
 
 ``/v1/explain`` runs one forward pass per request where it can: the CAM pass also gives the probabilities
 and the OOD score (``cxrnn.explain.cam.predict_and_explain``); one explainer per method is kept for the
@@ -28,7 +32,8 @@ import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -123,6 +128,56 @@ class BodyLimitMiddleware:
         return await self.app(scope, limited_receive, send)
 
 
+REQUEST_STARTED = "cxrnn_started"  # key in scope["state"] (request.state): perf_counter() at the first byte
+
+
+class RequestDeadlineMiddleware:
+    """Times the whole request from when the app first sees it, upload included.
+
+    The start goes into ``scope["state"]`` for the handlers' own limit (504). Each wait for the body is
+    bounded by what is left of ``timeout_s``: a body not complete by then is a 408 ``{"error": ...}`` with
+    ``Connection: close``, so the server drops the connection instead of waiting for the rest. Raised inside
+    ``receive`` like ``BodyLimitMiddleware``'s 413, it passes through FastAPI's body parsing as an HTTP
+    error. Once the response has started no new one can be sent: the app is then told the client is gone.
+    """
+
+    def __init__(self, app: ASGIApp, timeout_s: float):
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        scope.setdefault("state", {})[REQUEST_STARTED] = started
+        deadline = started + self.timeout_s
+        body_done = False
+        response_started = False
+
+        async def timed_send(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        async def timed_receive() -> Message:
+            nonlocal body_done
+            if body_done:  # only http.disconnect is left to come: waiting for it is the app's business
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=deadline - time.perf_counter())
+            except asyncio.TimeoutError:
+                if response_started:
+                    return {"type": "http.disconnect"}
+                raise ServeError(408, f"upload not complete within the {self.timeout_s:g} s limit",
+                                 headers={"Connection": "close"}) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        return await self.app(scope, timed_receive, timed_send)
+
+
 def image_pixels(data: bytes) -> int | None:
     """Pixel count of what would be decoded (one frame of a multi-frame DICOM), from the header alone;
     None if it cannot be read cheaply (the full reader then gives the precise reason)."""
@@ -136,12 +191,6 @@ def _png_b64(array: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG", optimize=False)
     return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _display_size(shape: tuple[int, int]) -> tuple[int, int]:
-    h, w = shape
-    scale = min(1.0, DISPLAY_SIDE / max(h, w))
-    return max(1, round(h * scale)), max(1, round(w * scale))
 
 
 class ModelService:
@@ -197,16 +246,16 @@ class ModelService:
             if explainer is None:
                 explainer = self.explainers[method] = CamExplainer(self.bundle, method=method, batch_size=1)
             ((prediction, exp),) = predict_and_explain(self.predictor, explainer, [image], [name], target)
-        return prediction, target or prediction.label, self.render(image, exp.cam)
+        return prediction, target or prediction.label, self.render(exp.image, exp.cam)
 
     def render(self, image: np.ndarray, cam: np.ndarray) -> dict[str, str]:
-        """The page's three PNGs, at most DISPLAY_SIDE wide (the map was computed at full size)."""
+        """The page's three PNGs, at most DISPLAY_SIDE wide (the model saw the full image)."""
         import matplotlib
 
-        from cxrnn.explain.cam import resize_map
+        from cxrnn.explain.cam import display_shape, resize_map
         from cxrnn.explain.overlay import overlay_cam
 
-        shape = _display_size(image.shape[:2])
+        shape = display_shape(image.shape[:2], DISPLAY_SIDE)
         small = resize_map(image, shape)
         small_cam = resize_map(cam, shape)
         heat = matplotlib.colormaps["jet"](small_cam)
@@ -236,10 +285,27 @@ def create_app(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     device: str = "cpu",
     precision: str = "fp32",
+    docs: bool = False,
 ) -> FastAPI:
-    """The app for one model file; ``batch=1`` disables micro-batching."""
+    """The app for one model file; ``batch=1`` disables micro-batching. ``timeout_s`` bounds each request
+    from its first byte, upload included (408 while uploading, 504 after). ``docs=True`` adds ``/docs``,
+    Swagger UI served from ``fastapi-offline``'s bundled assets (ValueError if it is not installed)."""
     if max_mb <= 0 or timeout_s <= 0 or batch < 1 or batch_ms < 0 or max_pixels < 1:
         raise ValueError("max_mb, timeout_s, batch and max_pixels must be positive and batch_ms >= 0")
+
+    def docs_assets() -> Path:
+        """Swagger UI as shipped inside the fastapi-offline wheel: nothing fetched at run time."""
+        try:
+            folder = Path(str(resources.files("fastapi_offline") / "static"))
+        except ModuleNotFoundError:
+            raise ValueError("docs=True needs the fastapi-offline package (pip install fastapi-offline)") from None
+        needed = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon.png")
+        missing = [name for name in needed if not (folder / name).is_file()]
+        if missing:
+            raise ValueError(f"fastapi-offline's assets lack {', '.join(missing)} in {folder}")
+        return folder
+
+    docs_dir = docs_assets() if docs else None  # before the model loads: fail fast
     service = ModelService(model_path, runtime, batch, batch_ms, max_pixels, device=device, precision=precision)
     max_bytes = int(max_mb * 1_000_000)
 
@@ -254,11 +320,26 @@ def create_app(
         description="Chest X-ray classification (research use only, not a medical device). "
         f"Model: {service.bundle.describe()}.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's own pages load Swagger UI, ReDoc and fonts from public CDNs
+        redoc_url=None,
     )
     app.state.service = service
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_bytes + MULTIPART_OVERHEAD, limit_text=f"{max_mb:g} MB")
+    app.add_middleware(RequestDeadlineMiddleware, timeout_s=timeout_s)  # added last: outermost, sees the start
     static_dir = Path(str(resources.files("cxrnn.serve") / "static"))
     app.mount("/static", StaticFiles(directory=static_dir), name="static")
+    if docs_dir is not None:
+        app.mount("/docs-static", StaticFiles(directory=docs_dir), name="docs-static")
+
+        @app.get("/docs", include_in_schema=False)
+        async def swagger_ui(request: Request) -> HTMLResponse:
+            root = request.scope.get("root_path", "")
+            return get_swagger_ui_html(
+                openapi_url=root + str(app.openapi_url), title=f"{app.title} - Swagger UI",
+                swagger_js_url=f"{root}/docs-static/swagger-ui-bundle.js",
+                swagger_css_url=f"{root}/docs-static/swagger-ui.css",
+                swagger_favicon_url=f"{root}/docs-static/favicon.png",
+                swagger_ui_parameters={"validatorUrl": None})  # no badge fetched from validator.swagger.io
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -276,6 +357,10 @@ def create_app(
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return JSONResponse({"error": "internal error (logged on the server)"}, status_code=500)
+
+    def request_started(request: Request) -> float:
+        """When RequestDeadlineMiddleware first saw the request (now, if something mounted the app without it)."""
+        return request.scope.get("state", {}).get(REQUEST_STARTED) or time.perf_counter()
 
     async def within_deadline(coro: Awaitable[Any], started: float) -> Any:
         remaining = timeout_s - (time.perf_counter() - started)
@@ -323,6 +408,8 @@ def create_app(
         return response(image, fmt, classes[int(np.argmax(probs))], {c: float(p) for c, p in zip(classes, probs)},
                         service.predictor.ood_result(score))
 
+    route_errors = {**ERRORS, 408: {"model": ErrorResponse}}  # 408: upload not complete in time
+
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(static_dir / "index.html", media_type="text/html")
@@ -337,17 +424,17 @@ def create_app(
         """Model card: network, classes, training data, test metrics with intervals, calibration, intended use."""
         return service.card
 
-    @app.post("/v1/predict", response_model=PredictResponse, responses=ERRORS)
+    @app.post("/v1/predict", response_model=PredictResponse, responses=route_errors)
     async def predict(request: Request,
                       file: UploadFile = File(..., description="PNG, JPEG or DICOM chest X-ray")) -> dict[str, Any]:
         """Class probabilities and the out-of-distribution flag for one image."""
-        started = time.perf_counter()
+        started = request_started(request)
         await one_upload(request)
         result = await within_deadline(decode_and_predict(file), started)
         result["timing_ms"] = (time.perf_counter() - started) * 1000
         return result
 
-    @app.post("/v1/explain", response_model=ExplainResponse, responses=ERRORS)
+    @app.post("/v1/explain", response_model=ExplainResponse, responses=route_errors)
     async def explain(
         request: Request,
         file: UploadFile = File(..., description="PNG, JPEG or DICOM chest X-ray"),
@@ -355,7 +442,7 @@ def create_app(
         method: str = Form("gradcam", description="gradcam, gradcam++ or eigencam"),
     ) -> dict[str, Any]:
         """The prediction plus a class activation map of the target class, as base64 PNGs."""
-        started = time.perf_counter()
+        started = request_started(request)
         await one_upload(request)
         target = target or None  # an empty form field means "the predicted class"
         if method not in SERVER_CAM_METHODS:
