@@ -188,14 +188,14 @@ def test_predict_cam_reads_and_runs_each_file_once_with_unchanged_output(trained
 
     reads: dict[str, int] = {}
     engine_passes = []
-    for module in (cxrnn.explain.cam, cxrnn.inference.predictor):
-        original = module.read_image
+    for module, reader in ((cxrnn.explain.cam, "read_image"), (cxrnn.inference.predictor, "read_image_checked")):
+        original = getattr(module, reader)
 
         def counting(path, *args, _original=original, **kwargs):
             reads[str(path)] = reads.get(str(path), 0) + 1
             return _original(path, *args, **kwargs)
 
-        monkeypatch.setattr(module, "read_image", counting)
+        monkeypatch.setattr(module, reader, counting)
     original_engine_pass = Predictor.predict_with_ood
 
     def counting_engine_pass(self, images):

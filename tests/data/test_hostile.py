@@ -23,6 +23,7 @@ from cxrnn.data.io import (
     check_regular_file,
     header_size,
     read_image,
+    reference_radiograph,
 )
 
 needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
@@ -157,6 +158,7 @@ def _palette_rgb_dicom() -> bytes:
     from pydicom.data import get_testdata_file
 
     ds = pydicom.dcmread(get_testdata_file("SC_rgb.dcm"))
+    ds.Modality = "DX"  # a secondary capture (OT) would be refused before its pixels are decoded
     ds.PhotometricInterpretation = "PALETTE COLOR"
     buf = io.BytesIO()
     ds.save_as(buf)
@@ -168,11 +170,30 @@ def test_photometric_mismatch_is_a_read_error(tmp_path):
     bad.write_bytes(_palette_rgb_dicom())
     good = _good_png(tmp_path / "good.png")
     results = _read_all([bad, good])
-    assert results[bad] == (
-        f"{bad}: unreadable DICOM (PhotometricInterpretation PALETTE COLOR does not match its 3-sample "
-        "pixels: No suitable Palette Color Lookup Table Module found)"
-    )
+    assert results[bad] == f"{bad}: unreadable DICOM (PhotometricInterpretation PALETTE COLOR does not match its 3-sample pixels)"
     assert isinstance(results[good], np.ndarray)
+
+
+@pytest.mark.parametrize("photometric, reason", [
+    ("PALETTE COLOR", "PhotometricInterpretation PALETTE COLOR without a usable palette: "),
+    ("RGB", "PhotometricInterpretation RGB does not match its 1-sample pixels"),
+    ("YBR_FULL", "cannot decode pixel data: "),  # pydicom refuses first, in its own words
+])
+def test_grey_pixels_retagged_as_colour_are_a_read_error_not_a_guess(tmp_path, photometric, reason):
+    # The real radiograph (MONOCHROME1): read as grey under another tag it would come out inverted.
+    import pydicom
+
+    ds = pydicom.dcmread(reference_radiograph("RG1_UNCR.dcm"))
+    ds.PhotometricInterpretation = photometric
+    bad = tmp_path / "retagged.dcm"
+    ds.save_as(bad)
+    assert _read_all([bad])[bad].startswith(f"{bad}: unreadable DICOM ({reason}")
+
+
+def test_real_palette_images_still_decode():
+    for name in ("OT-PAL-8-face.dcm", "OBXXXX1A.dcm"):  # 8- and 16-bit palettes, one sample per pixel
+        image = read_image(reference_radiograph(name), acquisition="flag")  # not radiographs: read all the same
+        assert image.ndim == 2 and 0.0 <= image.min() < image.max() <= 1.0
 
 
 def test_unexpected_decoder_exception_is_a_read_error(tmp_path, monkeypatch):

@@ -71,6 +71,23 @@ def warn(message: str) -> None:
     console.print(f"[yellow]warning:[/yellow] {printable(message)}", highlight=False, soft_wrap=True)
 
 
+ACCEPT_NON_CHEST_HELP = (
+    "Read DICOM objects that are not chest radiographs (Modality other than CR/DX/DR, BodyPartExamined other "
+    "than chest) instead of refusing them; the reason is printed as a warning with the result.")
+
+
+def acquisition_policy(accept_non_chest: bool) -> str:
+    """The reader's policy (``cxrnn.data.dicom``) for ``--accept-non-chest``."""
+    return "flag" if accept_non_chest else "refuse"
+
+
+def verdict_marks(ood: dict[str, Any] | None, warnings: list[str]) -> str:
+    """What follows a prediction on its line: the out-of-distribution mark and the reader's warnings."""
+    flag = "  [bold red]OUT OF DISTRIBUTION[/bold red]" if ood and ood["flagged"] else ""
+    notes = f"  [yellow]warning: {printable('; '.join(warnings))}[/yellow]" if warnings else ""
+    return flag + notes
+
+
 def outside_paths(allow: bool) -> dict[str, bool]:
     """``load_dataset``'s ``allow_outside_paths`` keyword, given only when asked for: its default (refuse)
     stays load_dataset's own, and a call without the flag works with a load_dataset of either vintage."""

@@ -8,8 +8,8 @@ from typing import Any, List, Optional
 import typer
 from rich.table import Table
 
-from cxrnn.cli.common import (app, console, fail, fmt, in_range, out_console, output_folder, outside_paths, printable,
-                              progress_bars, warn)
+from cxrnn.cli.common import (ACCEPT_NON_CHEST_HELP, acquisition_policy, app, console, fail, fmt, in_range, out_console,
+                              output_folder, outside_paths, printable, progress_bars, verdict_marks, warn)
 from cxrnn.cli.options import config_help
 from cxrnn.training.config import at_least, within
 
@@ -35,8 +35,9 @@ def explain(
     batch_size: int = typer.Option(8, callback=BATCH_SIZE),
     alpha: float = typer.Option(0.4, help="Opacity of the colour map over the X-ray.", callback=in_range(within(0, 1))),
     colormap: str = typer.Option("jet", help="Any matplotlib colour map name."),
+    accept_non_chest: bool = typer.Option(False, "--accept-non-chest", help=ACCEPT_NON_CHEST_HELP),
 ) -> None:
-    """Grad-CAM maps through the whole CNN->RNN, drawn on each X-ray at its own size."""
+    """Grad-CAM maps through the whole CNN->RNN, drawn on each X-ray at its own aspect."""
     from cxrnn.data.dataset import list_image_files
     from cxrnn.explain.cam import Explanation
     from cxrnn.explain.folder import explain_to_dir
@@ -52,8 +53,8 @@ def explain(
             warn(f"skipped {exp.error}")
         else:
             probs = "  ".join(f"{c} {v:.3f}" for c, v in exp.probabilities.items())
-            flag = "  [bold red]OUT OF DISTRIBUTION[/bold red]" if exp.out_of_distribution else ""
-            out_console.print(f"{printable(exp.path)}: [bold]{exp.label}[/bold]  ({probs}){flag}  map of "
+            out_console.print(f"{printable(exp.path)}: [bold]{exp.label}[/bold]  ({probs})"
+                              f"{verdict_marks(exp.ood, exp.warnings)}  map of "
                               f"'{printable(exp.target)}' -> {printable(Path(written['panel']).name)}",
                               highlight=False, soft_wrap=True)
 
@@ -62,7 +63,8 @@ def explain(
         with progress_bars() as bars:
             index = explain_to_dir(bundle, files, out, method=method, target=target, layer=layer,
                                    batch_size=batch_size, alpha=alpha, colormap=colormap,
-                                   progress=lambda d, t: bars("explain", d, t), on_result=report)
+                                   progress=lambda d, t: bars("explain", d, t), on_result=report,
+                                   acquisition=acquisition_policy(accept_non_chest))
     except (ValueError, OSError) as exc:  # OSError: the folder checked above can still fill up or vanish
         fail(str(exc))
     console.print(printable(maps_summary(index, out)), highlight=False, soft_wrap=True)

@@ -8,8 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from cxrnn.cli.common import (app, console, fail, in_range, out_console, output_folder, outside_paths, print_metrics,
-                              printable, progress_bars, warn)
+from cxrnn.cli.common import (ACCEPT_NON_CHEST_HELP, acquisition_policy, app, console, fail, in_range, out_console,
+                              output_folder, outside_paths, print_metrics, printable, progress_bars, verdict_marks, warn)
 from cxrnn.cli.options import config_help, config_range
 from cxrnn.evaluation.bootstrap import DEFAULT_BOOTSTRAP
 from cxrnn.training.config import at_least
@@ -57,14 +57,19 @@ def predict(
     device: str = typer.Option("cpu", help="cpu or cuda (torch runtime)."),
     precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast; torch runtime)."),
     cam: Optional[Path] = typer.Option(None, "--cam", help="Also write Grad-CAM maps (overlay, panel, .npy) to this folder."),
+    accept_non_chest: bool = typer.Option(False, "--accept-non-chest", help=ACCEPT_NON_CHEST_HELP),
 ) -> None:
-    """Classify images: the label and every class probability per image."""
+    """Classify images: the label and every class probability per image.
+
+    DICOM objects that are not chest radiographs are refused with the reason (see --accept-non-chest); a
+    lateral view or a DICOM without Modality is predicted with a warning.
+    """
     from cxrnn.data.dataset import list_image_files
     from cxrnn.inference.predictor import Prediction, Predictor
 
     try:
         predictor = Predictor.from_file(model, batch_size=batch_size, runtime=runtime, device=device,
-                                        precision=precision)
+                                        precision=precision, acquisition=acquisition_policy(accept_non_chest))
         files = list_image_files(paths)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
@@ -86,10 +91,9 @@ def predict(
             warn(f"skipped {p.error}")
         else:
             probs = "  ".join(f"{c} {v:.3f}" for c, v in p.probabilities.items())  # type: ignore[union-attr]
-            flag = ("  [bold red]OUT OF DISTRIBUTION[/bold red]" if p.ood["flagged"] else "") if p.ood else ""
             # soft_wrap: one line per file even when stdout is a pipe, which rich would wrap at 80 columns
-            out_console.print(f"{printable(p.path)}: [bold]{p.label}[/bold]  ({probs}){flag}", highlight=False,
-                              soft_wrap=True)
+            out_console.print(f"{printable(p.path)}: [bold]{p.label}[/bold]  ({probs}){verdict_marks(p.ood, p.warnings)}",
+                              highlight=False, soft_wrap=True)
 
     index = None
     if cam is None:

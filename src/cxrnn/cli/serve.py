@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from cxrnn.cli.common import app, fail, in_range, out_console
+from cxrnn.cli.common import ACCEPT_NON_CHEST_HELP, acquisition_policy, app, fail, in_range, out_console
 from cxrnn.training.config import above, at_least, within
 
 
@@ -26,6 +26,7 @@ def serve(
                                     callback=in_range(above(0))),
     docs: bool = typer.Option(False, "--docs/--no-docs", help="Serve /docs (Swagger UI) from bundled assets, no "
                               "CDN. /openapi.json is always served."),
+    accept_non_chest: bool = typer.Option(False, "--accept-non-chest", help=ACCEPT_NON_CHEST_HELP),
     device: str = typer.Option("cpu", help="cpu or cuda (torch runtime)."),
     precision: str = typer.Option("fp32", help="fp32 or bf16 autocast (torch runtime)."),
 ) -> None:
@@ -39,7 +40,8 @@ def serve(
 
     try:
         api = create_app(model, runtime=runtime, max_mb=max_mb, batch=batch, batch_ms=batch_ms, timeout_s=timeout_s,
-                         device=device, precision=precision, docs=docs)
+                         device=device, precision=precision, docs=docs,
+                         acquisition=acquisition_policy(accept_non_chest))
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     out_console.print(f"serving {api.state.service.bundle.describe()} on http://{host}:{port}/ "

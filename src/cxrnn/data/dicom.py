@@ -3,14 +3,19 @@
 The file's own VOI decides what is shown, as a viewer would show it; the window is applied by a float32
 path about 10x faster than pydicom's (``_window_normalised``), with the same numbers. Only the first frame
 of a multi-frame file is decoded.
+
+Before any pixel is decoded, the header says whether the object is a chest radiograph at all
+(:func:`acquisition_findings`): a CT slice, an ultrasound frame or a hand radiograph is refused with the
+reason, or, under the ``"flag"`` policy, decoded with that reason as a warning.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -20,6 +25,99 @@ if TYPE_CHECKING:  # pydicom is imported when a DICOM file is read, not with the
     from pydicom import Dataset
 
 DICOM_MAGIC_OFFSET = 128  # "DICM" follows the free-form 128-byte preamble
+
+# What the model was trained on: projection radiographs of the chest, seen from the front.
+RADIOGRAPH_MODALITIES = ("CR", "DX", "DR")  # Modality (0008,0060): computed / digital radiography
+CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS"})  # BodyPartExamined (0018,0015), chest only
+LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL"})  # ViewPosition (0018,5101): LL/RL are DICOM's codes
+
+AcquisitionPolicy = Literal["refuse", "flag"]
+ACQUISITION_POLICIES: tuple[str, ...] = ("refuse", "flag")
+_VALUE_LIMIT = 64  # a header value quoted in a reason is cut to this many characters
+
+
+@dataclass(frozen=True)
+class AcquisitionFinding:
+    """Something in a DICOM header that makes its image a doubtful input for a chest X-ray model.
+
+    ``reason`` is one line without the file name; ``refuse`` says whether the image is refused under
+    the default policy (otherwise it is only flagged); ``keyword`` names the header attribute.
+    """
+
+    keyword: str
+    reason: str
+    refuse: bool
+
+
+def check_policy(acquisition: str) -> AcquisitionPolicy:
+    """``acquisition`` if it is a known policy, else ValueError."""
+    if acquisition not in ACQUISITION_POLICIES:
+        raise ValueError(f"acquisition must be one of {', '.join(ACQUISITION_POLICIES)}, not {acquisition!r}")
+    return acquisition  # type: ignore[return-value]
+
+
+def _header_text(ds, keyword: str) -> str | None:
+    """A header value as one upper-case line (multi-values joined by backslash); None if absent or empty."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom's complaints about a value's VR: the value is still read
+            value = ds.get(keyword)
+        if value is None:
+            return None
+        if isinstance(value, bytes):
+            value = value.decode("ascii", "replace")
+        elif not isinstance(value, str) and hasattr(value, "__iter__"):
+            value = "\\".join(str(v) for v in value)
+        text = " ".join(str(value).split()).upper()
+    except Exception:
+        return None  # an unparsable value says no more than an absent one
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    if len(text) > _VALUE_LIMIT:
+        text = text[: _VALUE_LIMIT - 3] + "..."
+    return text or None
+
+
+def acquisition_findings(ds: Dataset) -> list[AcquisitionFinding]:
+    """What the header of ``ds`` says against diagnosing it as a frontal chest radiograph (empty: nothing).
+
+    Only header attributes are read, never pixels: a header-only dataset (``stop_before_pixels``, a
+    C-FIND response) gives the same findings as the full file. Rules:
+
+    * Modality not CR, DX or DR: refused (a CT, MR, US, NM or secondary-capture object);
+      no Modality at all: flagged;
+    * BodyPartExamined present and not chest (CHEST, THORAX, LUNG, LUNGS, any case): refused;
+    * ViewPosition lateral (LL, RL, LAT, LATERAL): flagged, the model saw frontal views only.
+    """
+    findings: list[AcquisitionFinding] = []
+    modality = _header_text(ds, "Modality")
+    if modality is None:
+        findings.append(AcquisitionFinding(
+            "Modality", "no Modality in the DICOM header: not known to be a radiograph", refuse=False))
+    elif modality not in RADIOGRAPH_MODALITIES:
+        findings.append(AcquisitionFinding(
+            "Modality", f"modality {modality} is not a radiograph ({'/'.join(RADIOGRAPH_MODALITIES)})",
+            refuse=True))
+    body_part = _header_text(ds, "BodyPartExamined")
+    if body_part is not None and body_part not in CHEST_BODY_PARTS:
+        findings.append(AcquisitionFinding("BodyPartExamined", f"body part {body_part} is not chest", refuse=True))
+    view = _header_text(ds, "ViewPosition")
+    if view in LATERAL_VIEWS:
+        findings.append(AcquisitionFinding(
+            "ViewPosition",
+            f"lateral view (ViewPosition {view}): the model was trained on frontal PA/AP views", refuse=False))
+    return findings
+
+
+def check_acquisition(ds: Dataset, label: str | Path, acquisition: AcquisitionPolicy = "refuse") -> list[str]:
+    """The warnings to show with the image of ``ds``; ImageReadError (``label``: the refusing reasons,
+    joined by "; ") if the policy is ``"refuse"`` and a finding refuses it. Under ``"flag"`` every
+    finding is a warning."""
+    check_policy(acquisition)
+    findings = acquisition_findings(ds)
+    refusals = [f.reason for f in findings if f.refuse]
+    if refusals and acquisition == "refuse":
+        raise ImageReadError(Path(label), "; ".join(refusals))
+    return [f.reason for f in findings]
 
 
 def has_dicom_preamble(head: bytes) -> bool:
@@ -49,10 +147,11 @@ def _header_int(ds, keyword: str) -> int | None:
         return None
 
 
-def read_dicom(data: bytes, label: Path) -> np.ndarray:
-    """Decode a DICOM file's bytes (``label`` names it in errors) to float32 grey [0, 1], bone bright."""
+def read_dicom(data: bytes, label: Path, acquisition: AcquisitionPolicy = "refuse"
+               ) -> tuple[np.ndarray, list[str]]:
+    """Decode a DICOM file's bytes (``label`` names it in errors) to float32 grey [0, 1], bone bright, with
+    the header's acquisition warnings (:func:`check_acquisition`; refused objects are never decoded)."""
     import pydicom
-    from pydicom.pixels import apply_modality_lut
 
     has_preamble = has_dicom_preamble(data)
     try:
@@ -63,6 +162,13 @@ def read_dicom(data: bytes, label: Path) -> np.ndarray:
             ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
     except Exception as exc:
         raise ImageReadError(label, f"unreadable DICOM ({one_line(exc)})") from None
+
+    notes = check_acquisition(ds, label, acquisition)
+    return _decode_dicom(ds, label), notes
+
+
+def _decode_dicom(ds, label: Path) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut
 
     _ensure_transfer_syntax(ds)
     try:
@@ -97,10 +203,14 @@ def read_dicom(data: bytes, label: Path) -> np.ndarray:
     if frames > 1 and arr.ndim >= 3 and arr.shape[0] == frames:
         arr = arr[0]  # a decoder that ignored the frame index
 
-    if arr.ndim == 3:
+    if arr.ndim == 3 or photometric == "PALETTE COLOR":
         return _dicom_colour_to_grey(arr, ds, photometric, label)
     if arr.ndim != 2:
         raise ImageReadError(label, f"unreadable DICOM (unexpected pixel shape {arr.shape})")
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        # A grey reading of pixels the header calls colour would be a guess (and MONOCHROME1 a wrong one).
+        raise ImageReadError(label, f"unreadable DICOM (PhotometricInterpretation {photometric} does not match "
+                                    "its 1-sample pixels)")
     if arr.size == 0 or arr.min() == arr.max():
         raise ImageReadError(label, "blank image (constant pixel value)")
 
@@ -262,17 +372,19 @@ def window_output_range(ds: Dataset) -> tuple[float, float]:
 def _dicom_colour_to_grey(arr: np.ndarray, ds, photometric: str, label: Path) -> np.ndarray:
     from pydicom.pixels import apply_color_lut
 
-    if arr.shape[-1] != 3:
-        raise ImageReadError(label, f"unreadable DICOM (unexpected pixel shape {arr.shape})")
     if photometric == "PALETTE COLOR":
+        if arr.ndim != 2:  # a palette indexes one sample per pixel
+            raise ImageReadError(
+                label, f"unreadable DICOM (PhotometricInterpretation PALETTE COLOR does not match its "
+                       f"{arr.shape[-1]}-sample pixels)")
         try:
             arr = apply_color_lut(arr, ds)
         except Exception as exc:
             raise ImageReadError(
-                label,
-                "unreadable DICOM (PhotometricInterpretation PALETTE COLOR does not match its "
-                f"{arr.shape[-1]}-sample pixels: {one_line(exc)})",
-            ) from None
+                label, f"unreadable DICOM (PhotometricInterpretation PALETTE COLOR without a usable palette: "
+                       f"{one_line(exc)})") from None
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ImageReadError(label, f"unreadable DICOM (unexpected pixel shape {arr.shape})")
     # pydicom already converts YBR to RGB; ITU-R 601 luma as for PIL images.
     grey = arr.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     if np.issubdtype(arr.dtype, np.integer):

@@ -17,12 +17,21 @@ import io
 import os
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from cxrnn.data import errors as _errors
-from cxrnn.data.dicom import DICOM_MAGIC_OFFSET, dicom_size, has_dicom_preamble, read_dicom
+from cxrnn.data.dicom import (
+    ACQUISITION_POLICIES,
+    DICOM_MAGIC_OFFSET,
+    AcquisitionPolicy,
+    check_policy,
+    dicom_size,
+    has_dicom_preamble,
+    read_dicom,
+)
 from cxrnn.data.errors import (
     BLANK_REASON,
     MAX_FILE_BYTES,
@@ -43,11 +52,15 @@ __all__ = [
     "MAX_PIXELS",
     "MAX_FILE_BYTES",
     "ImageReadError",
+    "ACQUISITION_POLICIES",
+    "AcquisitionPolicy",
+    "CheckedImage",
     "check_regular_file",
     "header_size",
     "as_read_error",
     "os_error_reason",
     "read_image",
+    "read_image_checked",
     "is_image_file",
     "sniff_format",
     "to_uint8",
@@ -208,12 +221,37 @@ def header_size(data: bytes) -> tuple[int, int] | None:
         return None
 
 
-def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
+class CheckedImage(NamedTuple):
+    """An image as :func:`read_image` returns it, with the warnings to show next to its diagnosis."""
+
+    image: np.ndarray
+    warnings: list[str]
+
+
+def read_image(source: str | Path | bytes, name: str | None = None, *,
+               acquisition: AcquisitionPolicy = "refuse") -> np.ndarray:
     """Read a radiograph as a float32 ``H x W`` array in ``[0, 1]`` (bright = dense).
 
     ``source`` is a path or the raw file bytes (e.g. an HTTP upload); ``name``
     labels the bytes in error messages. The format is sniffed from the content.
+    A DICOM object that is not a chest radiograph (see
+    :func:`cxrnn.data.dicom.acquisition_findings`) is refused with the reason;
+    ``acquisition="flag"`` decodes it anyway. Either way its warnings are
+    dropped here: a caller that reports a diagnosis uses :func:`read_image_checked`.
     """
+    return read_image_checked(source, name, acquisition=acquisition).image
+
+
+def read_image_checked(source: str | Path | bytes, name: str | None = None, *,
+                       acquisition: AcquisitionPolicy = "refuse") -> CheckedImage:
+    """:func:`read_image`, with the warnings that must reach whoever sees the image's diagnosis.
+
+    Under ``acquisition="refuse"`` (the default) a DICOM object whose Modality is not CR/DX/DR or whose
+    BodyPartExamined is not chest raises ImageReadError with that reason, and only doubts (a lateral
+    view, no Modality) come back as warnings; under ``"flag"`` it is decoded and every reason is a
+    warning. PNG, JPEG and the other PIL formats carry no such header: no warnings.
+    """
+    check_policy(acquisition)
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = Path(name) if name else Path("<bytes>")
         data = bytes(source)
@@ -229,11 +267,15 @@ def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarra
     fmt = sniff_format(data)
     if fmt is None:
         raise ImageReadError(label, "not an image (unrecognised content)")
+    notes: list[str] = []
     try:
         # errstate: overflow in a hostile file's scaling must become one
         # reason, not a stream of numpy RuntimeWarnings.
         with np.errstate(all="ignore"):
-            img = read_dicom(data, label) if fmt == "dicom" else _read_pil(data, fmt, label)
+            if fmt == "dicom":
+                img, notes = read_dicom(data, label, acquisition)
+            else:
+                img = _read_pil(data, fmt, label)
             img = np.ascontiguousarray(img, dtype=np.float32)
             _check_pixels(img, label)
     except ImageReadError:
@@ -246,7 +288,7 @@ def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarra
         raise ImageReadError(
             label, f"cannot decode {fmt.upper()} image ({type(exc).__name__}: {one_line(exc)})"
         ) from None
-    return img
+    return CheckedImage(img, notes)
 
 
 def _check_pixels(img: np.ndarray, label: Path) -> None:

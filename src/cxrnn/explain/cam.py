@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxrnn.data.io import ImageReadError, read_image
+from cxrnn.data.dicom import AcquisitionPolicy
+from cxrnn.data.io import ImageReadError, read_image_checked
 from cxrnn.models.bundle import ModelBundle, load_bundle
 from cxrnn.models.ood import MahalanobisScore, OodStats
 from cxrnn.models.preprocess import resize_to_input, to_input_tensor
@@ -101,12 +102,13 @@ class Explanation:
     error: str | None = None
     ood: dict[str, Any] | None = None  # {"score", "threshold", "flagged"}; None if the model has no OOD gate
     image_shape: tuple[int, int] | None = None  # the decoded image's (H, W); None: that of ``image``
+    warnings: list[str] = field(default_factory=list)  # as Prediction.warnings (e.g. a lateral view)
 
     def to_dict(self) -> dict[str, Any]:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
         out = {"path": self.path, "label": self.label, "target": self.target, "probabilities": self.probabilities,
-               "ood": self.ood}
+               "ood": self.ood, "warnings": list(self.warnings)}
         if self.cam is not None:
             shape = self.image_shape or (self.image.shape[:2] if self.image is not None else self.cam.shape)
             out.update(image_size=[int(shape[1]), int(shape[0])], map_size=[int(self.cam.shape[1]), int(self.cam.shape[0])])
@@ -185,11 +187,13 @@ class ExplainInput:
     model_image: np.ndarray
     display: np.ndarray
     shape: tuple[int, int]
+    warnings: tuple[str, ...] = ()  # the reader's (``read_image_checked``): why a diagnosis may not apply
 
     @classmethod
-    def from_image(cls, image: np.ndarray, preprocessing: Any) -> "ExplainInput":
+    def from_image(cls, image: np.ndarray, preprocessing: Any, warnings: Sequence[str] = ()) -> "ExplainInput":
         shape = (int(image.shape[0]), int(image.shape[1]))
-        return cls(resize_to_input(image, preprocessing), resize_map(image, display_shape(shape)), shape)
+        return cls(resize_to_input(image, preprocessing), resize_map(image, display_shape(shape)), shape,
+                   tuple(warnings))
 
 
 def _differentiable_output(module: nn.Module, args: Any, output: Any) -> Any:
@@ -384,7 +388,7 @@ class CamExplainer:
     def to_explanation(self, path: str, image: np.ndarray | ExplainInput, result: CamResult) -> Explanation:
         item = self.explain_input(image)
         return Explanation(
-            path=path, image=item.display, cam=result.cam, image_shape=item.shape,
+            path=path, image=item.display, cam=result.cam, image_shape=item.shape, warnings=list(item.warnings),
             # EigenCAM is class-agnostic: it explains no particular class.
             target=self.classes[result.target] if self.method != "eigencam" else None,
             label=self.classes[int(np.argmax(result.probabilities))],
@@ -396,17 +400,19 @@ class CamExplainer:
         )
 
     def explain_paths(
-        self, paths: Iterable[str | Path], target: str | None = None, progress: Progress | None = None
+        self, paths: Iterable[str | Path], target: str | None = None, progress: Progress | None = None,
+        acquisition: AcquisitionPolicy = "refuse",
     ) -> Iterator[Explanation]:
         """One Explanation per path, in order, produced batch by batch (nothing accumulates).
 
-        An unreadable file yields an Explanation with ``error`` ("PATH: reason") and the batch goes on.
+        An unreadable file yields an Explanation with ``error`` ("PATH: reason") and the batch goes on;
+        ``acquisition`` is the reader's policy for DICOM objects that are not chest radiographs.
         """
         self._target_index(target)  # a wrong class name fails before any work
         paths = [str(p) for p in paths]
         for start in range(0, len(paths), self.batch_size):
             chunk = paths[start : start + self.batch_size]
-            read, errors = read_images(chunk, self.bundle.preprocessing)
+            read, errors = read_images(chunk, self.bundle.preprocessing, acquisition)
             results = dict(errors)
             if read:
                 inputs = [item for _, item in read]
@@ -421,15 +427,16 @@ def _float32_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(device="cpu", dtype=torch.float32).numpy()
 
 
-def read_images(paths: Sequence[str], preprocessing: Any) -> tuple[list[tuple[int, ExplainInput]],
-                                                                    list[tuple[int, Explanation]]]:
+def read_images(paths: Sequence[str], preprocessing: Any, acquisition: AcquisitionPolicy = "refuse",
+                ) -> tuple[list[tuple[int, ExplainInput]], list[tuple[int, Explanation]]]:
     """Decode each path once and reduce it at once (only one full-size image is held at a time):
     (index, ExplainInput) for the readable ones, (index, error Explanation) for the rest."""
     read: list[tuple[int, ExplainInput]] = []
     errors: list[tuple[int, Explanation]] = []
     for i, path in enumerate(paths):
         try:
-            read.append((i, ExplainInput.from_image(read_image(path), preprocessing)))
+            image, warnings = read_image_checked(path, acquisition=acquisition)
+            read.append((i, ExplainInput.from_image(image, preprocessing, warnings)))
         except ImageReadError as err:
             errors.append((i, Explanation(path=path, error=str(err))))
     return read, errors
@@ -461,11 +468,13 @@ def predict_and_explain(
     images = [explainer.explain_input(image) for image in images]
     if cam_pass_predicts(predictor):
         results = explainer.explain_images(images, target)
-        predictions = [predictor.to_prediction(p, r.probabilities, r.ood_score) for p, r in zip(paths, results)]
+        predictions = [predictor.to_prediction(p, r.probabilities, r.ood_score, item.warnings)
+                       for p, r, item in zip(paths, results, images)]
     else:
         # The SxS model inputs: the predictor's own resize leaves them as they are.
         probs, scores = predictor.predict_with_ood([item.model_image for item in images])
-        predictions = [predictor.to_prediction(p, pr, s) for p, pr, s in zip(paths, probs, scores)]
+        predictions = [predictor.to_prediction(p, pr, s, item.warnings)
+                       for p, pr, s, item in zip(paths, probs, scores, images)]
         # The map explains the label reported, even where the two passes' last bits could tip a near tie.
         results = explainer.explain_images(images, [target or pred.label for pred in predictions])
     return [(pred, explainer.to_explanation(path, image, r))

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from cxrnn.data.dicom import AcquisitionPolicy
 from cxrnn.explain.cam import CamExplainer, Explanation, cam_pass_predicts, predict_and_explain, read_images
 from cxrnn.explain.overlay import OutputNamer, write_explanation
 from cxrnn.models.bundle import ModelBundle
@@ -67,15 +68,17 @@ def explain_to_dir(
     colormap: str = "jet",
     progress: Callable[[int, int], None] | None = None,
     on_result: Callable[[Explanation, dict[str, str]], None] | None = None,
+    acquisition: AcquisitionPolicy = "refuse",
 ) -> dict[str, Any]:
     """Write the maps of every readable file to ``out_dir`` and an index ``explanations.json``.
 
-    A file that cannot be read gets an ``error`` entry ("PATH: reason") and the batch goes on.
+    A file that cannot be read (or, under ``acquisition`` "refuse", a DICOM that is not a chest radiograph)
+    gets an ``error`` entry ("PATH: reason") and the batch goes on.
     ``on_result(explanation, files)`` is called for each image as soon as its files are written.
     """
     folder = MapFolder(out_dir, alpha=alpha, colormap=colormap)
     with CamExplainer(bundle, method=method, layer=layer, batch_size=batch_size) as explainer:
-        for exp in explainer.explain_paths(paths, target=target, progress=progress):
+        for exp in explainer.explain_paths(paths, target=target, progress=progress, acquisition=acquisition):
             files = folder.add(exp)
             if on_result:
                 on_result(exp, files)
@@ -111,7 +114,7 @@ def predict_and_explain_to_dir(
                       batch_size=step if shared else min(step, MAX_CAM_BATCH)) as explainer:
         for start in range(0, len(paths), step):
             chunk = paths[start : start + step]
-            read, errors = read_images(chunk, predictor.bundle.preprocessing)
+            read, errors = read_images(chunk, predictor.bundle.preprocessing, predictor.acquisition)
             results: dict[int, tuple[Prediction, Explanation]] = {
                 i: (Prediction(path=exp.path, error=exp.error), exp) for i, exp in errors}
             pairs = predict_and_explain(predictor, explainer, [item for _, item in read],

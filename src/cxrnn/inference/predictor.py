@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from cxrnn.data.io import ImageReadError, read_image
+from cxrnn.data.dicom import AcquisitionPolicy, check_policy
+from cxrnn.data.io import ImageReadError, read_image_checked
 from cxrnn.inference.engines import Engine, OnnxEngine, TorchEngine, check_runtime
 from cxrnn.inference.export import export_model
 from cxrnn.inference.graph import OUTPUT_NAMES, InferenceModule
@@ -40,21 +41,30 @@ class Prediction:
     probabilities: dict[str, float] | None = None
     error: str | None = None
     ood: dict[str, Any] | None = None  # {"score", "threshold", "flagged"}; None if the model has no OOD gate
+    # Why this diagnosis may not apply (e.g. "lateral view (ViewPosition LL): ..."), one line each, no path.
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
-        return {"path": self.path, "label": self.label, "probabilities": self.probabilities, "ood": self.ood}
+        return {"path": self.path, "label": self.label, "probabilities": self.probabilities, "ood": self.ood,
+                "warnings": list(self.warnings)}
 
 
 class Predictor:
-    """Holds a loaded model; ``predict_*`` apply its stored preprocessing and temperature."""
+    """Holds a loaded model; ``predict_*`` apply its stored preprocessing and temperature.
+
+    ``acquisition`` decides what ``predict_paths`` does with a DICOM object that is not a chest
+    radiograph (a CT, an ultrasound, a hand): ``"refuse"`` makes it an error, ``"flag"`` predicts it
+    with the reason in ``Prediction.warnings`` (see :func:`cxrnn.data.dicom.acquisition_findings`).
+    """
 
     def __init__(self, bundle: ModelBundle, batch_size: int = 16, runtime: str = "torch", device: str = "cpu",
-                 precision: str = "fp32"):
+                 precision: str = "fp32", acquisition: AcquisitionPolicy = "refuse"):
         # the command line refuses the same values (exit 2); here they would loop forever or yield nothing
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, not {batch_size!r}")
+        self.acquisition = check_policy(acquisition)
         self.bundle = bundle
         self.batch_size = batch_size
         self.bundle.net.eval()
@@ -63,9 +73,10 @@ class Predictor:
 
     @classmethod
     def from_file(cls, path: str | Path, batch_size: int = 16, runtime: str = "torch", device: str = "cpu",
-                  precision: str = "fp32") -> "Predictor":
+                  precision: str = "fp32", acquisition: AcquisitionPolicy = "refuse") -> "Predictor":
         """A predictor over a saved ``model.pt`` (loaded weights-only: a model file cannot run code)."""
-        return cls(load_bundle(path), batch_size=batch_size, runtime=runtime, device=device, precision=precision)
+        return cls(load_bundle(path), batch_size=batch_size, runtime=runtime, device=device, precision=precision,
+                   acquisition=acquisition)
 
     @property
     def classes(self) -> list[str]:
@@ -94,36 +105,48 @@ class Predictor:
         return {"score": float(score), "threshold": self.ood_stats.threshold,
                 "flagged": bool(score > self.ood_stats.threshold)}
 
-    def to_prediction(self, path: str, probs: np.ndarray, ood_score: float | None = None) -> Prediction:
-        """One image's outputs as the record that the CLI, the API and the demo all report."""
+    def to_prediction(self, path: str, probs: np.ndarray, ood_score: float | None = None,
+                      warnings: Sequence[str] = ()) -> Prediction:
+        """One image's outputs as the record that the CLI, the API and the demo all report; ``warnings``
+        are the reader's (``read_image_checked``)."""
         return Prediction(
             path=path,
             label=self.classes[int(np.argmax(probs))],
             probabilities={c: float(p) for c, p in zip(self.classes, probs)},
             ood=self.ood_result(ood_score) if ood_score is not None else None,
+            warnings=list(warnings),
         )
 
+    def read(self, source: str | Path | bytes, name: str | None = None) -> tuple[np.ndarray, list[str]]:
+        """(image, warnings) of one file or upload under this predictor's acquisition policy; ImageReadError
+        if it cannot be read or is refused. Pass the warnings on to ``to_prediction``."""
+        return read_image_checked(source, name, acquisition=self.acquisition)
+
     def predict_paths(self, paths: Iterable[str | Path], progress: Progress | None = None) -> list[Prediction]:
-        """One Prediction per path, in order; an unreadable file gives a Prediction with ``error``."""
+        """One Prediction per path, in order; an unreadable (or refused) file gives a Prediction with ``error``."""
         paths = [str(p) for p in paths]
         results: list[Prediction | None] = [None] * len(paths)
         for start in range(0, len(paths), self.batch_size):
-            images, slots = [], []
+            images, slots, notes = [], [], []
             for i in range(start, min(start + self.batch_size, len(paths))):
                 try:
-                    images.append(read_image(paths[i]))
-                    slots.append(i)
+                    image, warnings = self.read(paths[i])
                 except ImageReadError as err:
                     results[i] = Prediction(path=paths[i], error=str(err))
+                    continue
+                images.append(image)
+                slots.append(i)
+                notes.append(warnings)
             if images:
-                for i, probs, score in zip(slots, *self.predict_with_ood(images)):
-                    results[i] = self.to_prediction(paths[i], probs, score)
+                for i, probs, score, warnings in zip(slots, *self.predict_with_ood(images), notes):
+                    results[i] = self.to_prediction(paths[i], probs, score, warnings)
             if progress:
                 progress(min(start + self.batch_size, len(paths)), len(paths))
         return [r for r in results if r is not None]
 
 
-def predict(model: str | Path | ModelBundle, paths: Iterable[str | Path]) -> list[Prediction]:
+def predict(model: str | Path | ModelBundle, paths: Iterable[str | Path],
+            acquisition: AcquisitionPolicy = "refuse") -> list[Prediction]:
     """Convenience: ``cxrnn.inference.predictor.predict("run/model.pt", ["a.png"])``."""
     bundle = model if isinstance(model, ModelBundle) else load_bundle(model)
-    return Predictor(bundle).predict_paths(paths)
+    return Predictor(bundle, acquisition=acquisition).predict_paths(paths)

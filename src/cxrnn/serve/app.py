@@ -26,7 +26,7 @@ import time
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Optional
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Optional, Sequence
 
 import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
@@ -39,7 +39,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cxrnn.data.io import ImageReadError, header_size, read_image, sniff_format
+from cxrnn.data.io import ImageReadError, header_size, sniff_format
 from cxrnn.models.bundle import load_bundle
 from cxrnn.inference.predictor import Prediction, Predictor
 from cxrnn.serve.batching import MicroBatcher, QueueFullError
@@ -78,6 +78,8 @@ class PredictResponse(BaseModel):
     label: str
     probabilities: dict[str, float]
     ood: Optional[OodResult] = Field(None, description="null when the model has no out-of-distribution statistics")
+    warnings: list[str] = Field(default_factory=list,
+                                description="why the diagnosis may not apply, e.g. a lateral view or a DICOM without Modality")
     model: ModelInfo
     timing_ms: float
     image: dict[str, Any] = Field(description="width, height and sniffed format of the upload")
@@ -197,12 +199,12 @@ class ModelService:
     """One loaded model shared by all requests: predictions through the micro-batcher, CAMs under its lock."""
 
     def __init__(self, model_path: str | Path, runtime: str, batch: int, batch_ms: float, max_pixels: int,
-                 device: str = "cpu", precision: str = "fp32"):
+                 device: str = "cpu", precision: str = "fp32", acquisition: str = "refuse"):
         self.model_path = Path(model_path)
         self.bundle = load_bundle(self.model_path)
         self.runtime = runtime
         self.predictor = Predictor(self.bundle, batch_size=max(1, batch), runtime=runtime, device=device,
-                                   precision=precision)
+                                   precision=precision, acquisition=acquisition)  # type: ignore[arg-type]
         self.identity = model_identity(self.bundle, self.model_path)
         self.card = model_card(self.bundle, self.model_path, runtime)
         self.max_pixels = max_pixels
@@ -217,11 +219,12 @@ class ModelService:
         probs, scores = self.predictor.predict_with_ood(images)
         return list(zip(probs, scores.tolist()))
 
-    def decode(self, data: bytes, name: str) -> tuple[np.ndarray, str]:
+    def decode(self, data: bytes, name: str) -> tuple[np.ndarray, str, list[str]]:
+        """(image, sniffed format, the reader's warnings) of an upload, or a ServeError with the reason."""
         with self.decode_slots:
             return self._decode(data, name)
 
-    def _decode(self, data: bytes, name: str) -> tuple[np.ndarray, str]:
+    def _decode(self, data: bytes, name: str) -> tuple[np.ndarray, str, list[str]]:
         if not data:
             raise ServeError(422, f"{name}: empty file (0 bytes)")
         fmt = sniff_format(data)
@@ -231,21 +234,24 @@ class ModelService:
         if pixels is not None and pixels > self.max_pixels:
             raise ServeError(413, f"{name}: image too large ({pixels:,} pixels, limit {self.max_pixels:,})")
         try:
-            return read_image(data, name=name), fmt
+            image, warnings = self.predictor.read(data, name)  # a non-chest DICOM is refused here (422)
+            return image, fmt, warnings
         except ImageReadError as err:
             status = 413 if err.reason.startswith("image too large") else 422
             raise ServeError(status, str(err)) from None
 
-    def explain(self, image: np.ndarray, name: str, target: str | None, method: str
+    def explain(self, image: np.ndarray, name: str, target: str | None, method: str, warnings: Sequence[str] = ()
                 ) -> tuple[Prediction, str, dict[str, str]]:
         """(prediction, explained class, base64 PNGs) of one image."""
-        from cxrnn.explain.cam import CamExplainer, predict_and_explain
+        from cxrnn.explain.cam import CamExplainer, ExplainInput, predict_and_explain
+
+        item = ExplainInput.from_image(image, self.bundle.preprocessing, warnings)
 
         with self.lock:  # the explainer runs the shared network: nothing else may run it meanwhile
             explainer = self.explainers.get(method)
             if explainer is None:
                 explainer = self.explainers[method] = CamExplainer(self.bundle, method=method, batch_size=1)
-            ((prediction, exp),) = predict_and_explain(self.predictor, explainer, [image], [name], target)
+            ((prediction, exp),) = predict_and_explain(self.predictor, explainer, [item], [name], target)
         return prediction, target or prediction.label, self.render(exp.image, exp.cam)
 
     def render(self, image: np.ndarray, cam: np.ndarray) -> dict[str, str]:
@@ -286,10 +292,12 @@ def create_app(
     device: str = "cpu",
     precision: str = "fp32",
     docs: bool = False,
+    acquisition: str = "refuse",
 ) -> FastAPI:
     """The app for one model file; ``batch=1`` disables micro-batching. ``timeout_s`` bounds each request
     from its first byte, upload included (408 while uploading, 504 after). ``docs=True`` adds ``/docs``,
-    Swagger UI served from ``fastapi-offline``'s bundled assets (ValueError if it is not installed)."""
+    Swagger UI served from ``fastapi-offline``'s bundled assets (ValueError if it is not installed).
+    ``acquisition`` "flag" predicts DICOM objects that are not chest radiographs with a warning instead of a 422."""
     if max_mb <= 0 or timeout_s <= 0 or batch < 1 or batch_ms < 0 or max_pixels < 1:
         raise ValueError("max_mb, timeout_s, batch and max_pixels must be positive and batch_ms >= 0")
 
@@ -306,7 +314,8 @@ def create_app(
         return folder
 
     docs_dir = docs_assets() if docs else None  # before the model loads: fail fast
-    service = ModelService(model_path, runtime, batch, batch_ms, max_pixels, device=device, precision=precision)
+    service = ModelService(model_path, runtime, batch, batch_ms, max_pixels, device=device, precision=precision,
+                           acquisition=acquisition)
     max_bytes = int(max_mb * 1_000_000)
 
     @asynccontextmanager
@@ -381,24 +390,25 @@ def create_app(
         if count > 1:
             raise ServeError(422, f"one image per request: the upload has {count} 'file' fields")
 
-    async def decode_upload(file: UploadFile) -> tuple[np.ndarray, str, str]:
+    async def decode_upload(file: UploadFile) -> tuple[np.ndarray, str, str, list[str]]:
         data = await read_upload(file)
         name = Path(file.filename or "upload").name
-        image, fmt = await run_in_threadpool(service.decode, data, name)
-        return image, fmt, name
+        image, fmt, warnings = await run_in_threadpool(service.decode, data, name)
+        return image, fmt, name, warnings
 
     def response(image: np.ndarray, fmt: str, label: str, probabilities: dict[str, float],
-                 ood: dict[str, Any] | None) -> dict[str, Any]:
+                 ood: dict[str, Any] | None, warnings: list[str]) -> dict[str, Any]:
         return {
             "label": label,
             "probabilities": probabilities,
             "ood": ood,
+            "warnings": list(warnings),
             "model": {"name": service.identity["name"], "version": service.identity["version"], "runtime": runtime},
             "image": {"width": int(image.shape[1]), "height": int(image.shape[0]), "format": fmt},
         }
 
     async def decode_and_predict(file: UploadFile) -> dict[str, Any]:
-        image, fmt, _ = await decode_upload(file)
+        image, fmt, _, warnings = await decode_upload(file)
         try:
             future = service.batcher.submit(image)
         except QueueFullError as exc:
@@ -406,7 +416,7 @@ def create_app(
         probs, score = await asyncio.wrap_future(future)
         classes = service.bundle.classes
         return response(image, fmt, classes[int(np.argmax(probs))], {c: float(p) for c, p in zip(classes, probs)},
-                        service.predictor.ood_result(score))
+                        service.predictor.ood_result(score), warnings)
 
     route_errors = {**ERRORS, 408: {"model": ErrorResponse}}  # 408: upload not complete in time
 
@@ -451,9 +461,10 @@ def create_app(
             raise ServeError(422, f"unknown target {target!r}: the classes are {', '.join(service.bundle.classes)}")
 
         async def work() -> dict[str, Any]:
-            image, fmt, name = await decode_upload(file)
-            prediction, chosen, pngs = await run_in_threadpool(service.explain, image, name, target, method)
-            return {**response(image, fmt, prediction.label, prediction.probabilities, prediction.ood), **pngs,
+            image, fmt, name, warnings = await decode_upload(file)
+            prediction, chosen, pngs = await run_in_threadpool(service.explain, image, name, target, method, warnings)
+            return {**response(image, fmt, prediction.label, prediction.probabilities, prediction.ood,
+                               prediction.warnings), **pngs,
                     "target": chosen, "method": method}
 
         result = await within_deadline(work(), started)

@@ -42,10 +42,15 @@ function renderResult(data) {
   $("label").textContent = data.label;
   renderBars(data.probabilities, data.label);
   const ood = data.ood;
+  const notes = [];
   if (ood && ood.flagged) {
-    $("ood-warning").textContent = `Warning: this image is unlike the images the model was trained on `
+    notes.push(`Warning: this image is unlike the images the model was trained on `
       + `(out-of-distribution score ${ood.score.toFixed(1)} > threshold ${ood.threshold.toFixed(1)}). `
-      + `The prediction is not meaningful for it.`;
+      + `The prediction is not meaningful for it.`);
+  }
+  for (const warning of data.warnings || []) notes.push(`Warning: ${warning}.`);
+  if (notes.length) {
+    $("ood-warning").textContent = notes.join(" ");
     show($("ood-warning"), true);
   }
   $("cam-image").src = "data:image/png;base64," + data.image_png;
