@@ -13,6 +13,10 @@ from pathlib import Path
 import numpy as np
 
 MIN_SIDE = 32
+# Which files the reader accepts, and how it decodes them. The decoded-image and feature caches are keyed
+# by it: a file cached by an older reader (a CT, before DICOM objects were checked for modality) must be
+# read again, not reused. Bump it whenever the reader refuses or decodes anything differently.
+READER_VERSION = 2
 MAX_PIXELS = 100_000_000
 # Largest file the reader will load into memory. A 100 M pixel 16-bit uncompressed DICOM (MAX_PIXELS)
 # is 200 MB; the rest is headroom for multi-frame objects, of which only the first frame is decoded.

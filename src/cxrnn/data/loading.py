@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from cxrnn.data.errors import READER_VERSION
 from cxrnn.data.io import ImageReadError, as_read_error, read_image
 from cxrnn.utils.atomic import atomic_write
 from cxrnn.utils.hashing import file_digest
@@ -59,7 +60,7 @@ class DecodedImageCache:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path_for(self, digest: str, tag: str) -> Path:
-        key = hashlib.sha256(f"{digest}:{tag}".encode()).hexdigest()
+        key = hashlib.sha256(f"{digest}:{tag}:reader{READER_VERSION}".encode()).hexdigest()
         return self.root / key[:2] / f"{key}.npy"
 
     def get(self, digest: str, tag: str) -> np.ndarray | None:

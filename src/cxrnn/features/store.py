@@ -26,6 +26,7 @@ import torch
 
 from cxrnn.utils import distributed
 from cxrnn.utils.atomic import atomic_write, atomic_write_bytes
+from cxrnn.data.errors import READER_VERSION
 from cxrnn.data.io import ImageReadError
 from cxrnn.utils.cache import default_cache_dir
 from cxrnn.features.extractors import check_extract_runtime, make_extractor
@@ -75,6 +76,8 @@ class FeatureStore:
         }
         if precision != "fp32":  # bf16 maps differ from fp32 ones; fp32 keys stay as they were
             identity["precision"] = precision
+        if READER_VERSION > 1:  # files an older reader accepted may be refused now
+            identity["reader"] = READER_VERSION
         self.key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         self.root = Path(root) if root is not None else default_cache_dir()
         self.directory = self.root / f"{backbone.spec.name}-{self.key}"
