@@ -19,6 +19,7 @@ from cxrnn.audit.hash_cache import HashCache
 from cxrnn.audit.metadata import metadata_shortcut, read_metadata
 from cxrnn.audit.phash import hash_image
 from cxrnn.data.dataset import load_dataset
+from cxrnn.data.groups import combine_groups
 
 # skill = (accuracy - chance) / (1 - chance): 0 at chance, 1 when perfect.
 METADATA_WARN_SKILL, METADATA_FAIL_SKILL = 0.10, 0.30
@@ -27,6 +28,10 @@ SOURCE_PROBE_WARN_SKILL = 0.5
 SOURCE_LABEL_WARN_V, SOURCE_LABEL_FAIL_V = 0.2, 0.5  # Cramer's V between source and label
 LESION_REMOVED_WARN, LESION_REMOVED_FAIL = 0.25, 0.5  # share still called abnormal without a lesion
 MARKER_WARN_ENRICHMENT, MARKER_FAIL_FRACTION = 2.0, 0.2
+# Share of images cleanlab flags as label issues (cxrnn.audit.label_issues). Policy, set well above the
+# 9-12% that the cheap probe flags on clean phantoms of 90-120 images (its own mistakes: about 16% of them
+# are misclassified out of fold); 5% wrong labels there gave 10-21%, 10% wrong labels 17-31%.
+LABEL_ISSUES_WARN_SHARE, LABEL_ISSUES_FAIL_SHARE = 0.15, 0.25
 
 Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
@@ -150,16 +155,32 @@ def run_audit(data: str | Path, out: str | Path | None = None, model: str | Path
             "fail" if v >= SOURCE_LABEL_FAIL_V else "warning" if v >= SOURCE_LABEL_WARN_V else "ok", v,
             f"Cramer's V between source and label {v:.3f}")
 
-    model_results: dict[str, Any] = {}
+    bundle = None
     if model is not None:
-        from cxrnn.audit import shortcut
-        from cxrnn.explain.counterfactual import lesion_removed_test
         from cxrnn.models.bundle import load_bundle
 
         bundle = load_bundle(model)
+
+    log("label issues")
+    digests = [m.sha256 if m else None for m in metas]  # the metadata pass read every file already
+    labels_found = _label_issues(dataset, digests, dups.group_ids(), cache_dir, bundle, seed, progress)
+    if "reason" in labels_found:
+        checks["label_issues"] = _check("skipped", None, labels_found["reason"])
+    else:
+        share = labels_found["flagged_share"]
+        checks["label_issues"] = _check(
+            "fail" if share >= LABEL_ISSUES_FAIL_SHARE else "warning" if share >= LABEL_ISSUES_WARN_SHARE else "ok",
+            share, f"cleanlab flags {labels_found['n_flagged']} of {labels_found['n']} images ({share:.1%}) as "
+            f"likely mislabelled; the out-of-fold probe on {labels_found['backbone']} features agrees with "
+            f"{labels_found['oof_accuracy']:.1%} of the given labels, so some flags are its own mistakes")
+
+    model_results: dict[str, Any] = {}
+    if bundle is not None:
+        from cxrnn.audit import shortcut
+        from cxrnn.explain.counterfactual import lesion_removed_test
+
         log("model checks")
         model_dataset = load_dataset(data, classes=bundle.classes, allow_outside_paths=allow_outside_paths) if set(dataset.classes) <= set(bundle.classes) else None
-        digests = [m.sha256 if m else None for m in metas]  # the metadata pass read every file already
         probe = shortcut.source_probe(bundle, dataset, cache_dir, seed, digests=digests) if has_sources else None
         if probe is not None:
             model_results["source_probe"] = probe
@@ -203,6 +224,7 @@ def run_audit(data: str | Path, out: str | Path | None = None, model: str | Path
         "label_conflicts": conflicts,
         "metadata_shortcut_accuracy": acc,
         "metadata_shortcut": meta,
+        "label_issues": labels_found,
         "model_checks": model_results,
         "unreadable": errors,
         "checks": checks,
@@ -210,6 +232,23 @@ def run_audit(data: str | Path, out: str | Path | None = None, model: str | Path
     if out is not None:
         write_audit(result, out)
     return result
+
+
+def _label_issues(dataset: Any, digests: list[str | None], dup_ids: np.ndarray, cache_dir: str | Path | None,
+                  bundle: Any, seed: int, progress: Progress | None) -> dict[str, Any]:
+    """Suspected label errors (``cxrnn.audit.label_issues``) over the readable images; duplicate groups
+    and repeated patient ids stay on one side of every fold."""
+    from cxrnn.audit import label_issues
+
+    x, kept, backbone = label_issues.pooled_features(
+        dataset, digests, cache_dir, bundle, progress=(lambda d, t: progress("extract", d, t)) if progress else None)
+    if not kept:
+        return {"reason": "no readable images"}
+    pids = [dataset.samples[i].patient_id for i in kept]
+    groups = combine_groups(dup_ids[kept], np.array(pids) if all(pids) else None)
+    found = label_issues.find_suspects(x, dataset.labels()[kept], groups, dataset.classes,
+                                       [str(dataset.samples[i].path) for i in kept], seed=seed)
+    return {**found, "backbone": backbone}
 
 
 def _fmt(v: Any) -> str:
@@ -252,12 +291,33 @@ def write_audit(result: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
         lines += ["", "## Metadata classifier", "", f"cross-validated accuracy {_fmt(meta.get('accuracy'))} "
                   f"({meta.get('folds')} folds) against chance {_fmt(meta.get('chance'))}; features it used most:", ""]
         lines += [f"- {f['feature']}: {f['importance']:.3f}" for f in meta["top_features"]]
+    lines += _label_issue_lines(result.get("label_issues") or {}, out)
     if result["unreadable"]:
         lines += ["", "## Unreadable files", "", *[f"- {e}" for e in result["unreadable"][:50]]]
     lines += ["", "Thresholds are policy (see cxrnn/audit/report.py). A clean audit does not make a model safe: "
               "it only rules out the leaks and shortcuts checked here.", ""]
     md_path = atomic_write_text(out / "audit.md", "\n".join(lines))
     return json_path, md_path
+
+
+def _label_issue_lines(found: dict[str, Any], out: Path) -> list[str]:
+    """audit.md's suspected label errors: a thumbnail grid (written next to audit.md) and a table."""
+    from cxrnn.audit.label_issues import GRID, GRID_NAME, write_grid
+
+    suspects = found.get("suspects") or []
+    if not suspects:
+        return []
+    lines = ["", "## Suspected label errors", "",
+             f"Ranked by the out-of-fold probability of the given label (cleanlab self-confidence; low: unlikely) "
+             f"from a logistic regression on pooled {found['backbone']} features, {found['folds']}-fold x "
+             f"{found['repeats']}, duplicate groups kept together. cleanlab flags {found['n_flagged']} of "
+             f"{found['n']}; audit.json lists the top {len(suspects)}.", ""]
+    if write_grid(suspects, out / GRID_NAME) is not None:
+        lines += [f"![top {min(GRID, len(suspects))} suspected label errors: given -> suggested, score]({GRID_NAME})", ""]
+    lines += ["| rank | image | given | suggested | score | flagged |", "|---|---|---|---|---|---|"]
+    lines += [f"| {s['rank']} | `{s['path']}` | {s['given']} | {s['suggested']} | {s['score']:.3f} "
+              f"| {'yes' if s['flagged_by_cleanlab'] else 'no'} |" for s in suspects[:GRID]]
+    return lines
 
 
 def _json_default(value: Any) -> Any:
