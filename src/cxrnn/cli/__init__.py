@@ -13,6 +13,7 @@ from cxrnn.cli import predict  # noqa: F401  (evaluate, predict)
 from cxrnn.cli import explain  # noqa: F401  (explain, explain-eval)
 from cxrnn.cli import export  # noqa: F401  (export)
 from cxrnn.cli import serve  # noqa: F401  (serve)
+from cxrnn.cli import pacs  # noqa: F401  (pacs predict, pacs watch)
 from cxrnn.cli import demo  # noqa: F401  (demo)
 
 __all__ = ["app"]
