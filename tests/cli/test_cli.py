@@ -62,7 +62,7 @@ GIVEN = dict(data="d", backbone="vgg19", head="gru", weights="none", out="o", se
              folds=3, group_by="patient_id", optimizer="sgd", lr=0.01, lr_schedule="constant", lr_decay=0.5,
              weight_decay=0.001, epochs=2, batch_size=4, patience=1, finetune=True, freeze_rnn=True,
              backbone_lr_scale=0.5, rotation=5.0, preset="paper", cache_dir="c", feature_dtype="float16",
-             extract_batch_size=4, extract_runtime="torch", strict=True, device="cuda", bootstrap=10, dedup=False,
+             extract_batch_size=4, extract_runtime="torch", strict=True, device="cuda", bootstrap=10, coverage=0.8, dedup=False,
              near_duplicate_threshold=4, align_threshold=0.5, leave_one_source_out=True, precision="bf16",
              workers=1, image_cache="i", allow_outside_paths=True)
 
@@ -188,7 +188,7 @@ def test_predict_cam_reads_and_runs_each_file_once_with_unchanged_output(trained
 
     reads: dict[str, int] = {}
     engine_passes = []
-    for module, reader in ((cxrnn.explain.cam, "read_image"), (cxrnn.inference.predictor, "read_image_checked")):
+    for module, reader in ((cxrnn.explain.cam, "read_image_checked"), (cxrnn.inference.predictor, "read_image_checked")):
         original = getattr(module, reader)
 
         def counting(path, *args, _original=original, **kwargs):

@@ -55,7 +55,8 @@ def test_predict_accept_non_chest_predicts_the_ct_with_a_warning(trained_run, fi
                                  "--accept-non-chest"])
     assert result.exit_code == 0, result.output
     out = _json_lines(result.stdout)
-    assert set(out[str(ct)]) == {"path", "label", "probabilities", "ood", "warnings"}
+    assert set(out[str(ct)]) == {"path", "label", "probabilities", "ood", "warnings", "prediction_set", "refer",
+                                 "refer_reason"}
     assert out[str(ct)]["warnings"] == [CT_REASON]
     assert out[str(good)]["warnings"] == []
     assert "could not be read" not in result.stderr

@@ -80,3 +80,19 @@ def test_coverage_outside_the_open_unit_interval_is_refused(value):
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match=r"need \(N, 3\) probabilities"):
         ConformalSets.calibrate(np.ones((4, 2)) / 2, np.zeros(4, dtype=int), CLASSES)
+
+
+def test_a_singleton_that_is_not_the_top_class_is_referred_in_prediction_and_in_the_metrics():
+    from cxrnn.evaluation.scoring import conformal_metrics
+    from cxrnn.inference.predictor import referral
+
+    # thresholds on 1 - p: covid only when p >= 0.9, normal when p >= 0.5, pneumonia when p >= 0.2
+    sets = ConformalSets(tuple(CLASSES), 0.9, (0.1, 0.5, 0.8), (50, 50, 50), "test")
+    probs = np.array([[0.95, 0.03, 0.02],   # {covid} = top: kept
+                      [0.60, 0.10, 0.30]])  # {pneumonia} but the top class is covid: referred
+    assert sets.set_names(probs) == [["covid"], ["pneumonia"]]
+    assert referral(["pneumonia"], None, 0.9, label="covid") == (
+        True, "prediction set {pneumonia} disagrees with the top class covid")
+    block = conformal_metrics(sets, np.array([0, 2]), probs, n_boot=0)
+    assert block["set_sizes"]["singleton"] == 1.0
+    assert block["operating_point"]["referred"] == 0.5 and block["operating_point"]["kept_accuracy"] == 1.0

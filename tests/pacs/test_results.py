@@ -121,3 +121,28 @@ def test_dciodvfy_reports_no_errors(written, written_of_phantom, source, kind):
     errors = [line for line in report.splitlines() if line.startswith("Error")]
     assert not errors, report
     assert ("ComprehensiveSR" if kind == "sr" else "SCImage") in report
+
+
+def test_predict_dicom_out_writes_the_results_of_the_printed_predictions(tiny_model, tmp_path):
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cxrnn.cli import app
+
+    rg1 = reference_radiograph("RG1_UNCR.dcm")
+    png = tmp_path / "scan.png"
+    Image.fromarray((np.add.outer(np.arange(64), np.arange(64)) * 2).astype(np.uint8)).save(png)
+    out = tmp_path / "results"
+    result = CliRunner().invoke(app, ["predict", str(tiny_model), str(rg1), str(png), "--json", "--dicom-out", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = {json.loads(line)["path"]: json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")}
+    assert sorted(p.name for p in out.iterdir()) == ["RG1_UNCR_sc.dcm", "RG1_UNCR_sr.dcm"]
+    finding = read_finding(pydicom.dcmread(out / "RG1_UNCR_sr.dcm"))
+    assert finding["label"] == lines[str(rg1)]["label"] and finding["probabilities"] == lines[str(rg1)]["probabilities"]
+    assert f"{png}: not a DICOM file: no SR or SC written" in result.stderr  # predicted, said why nothing was written
+    assert lines[str(png)]["label"]
+
+    both = CliRunner().invoke(app, ["predict", str(tiny_model), str(rg1), "--dicom-out", str(out), "--cam", str(tmp_path / "m")])
+    assert both.exit_code == 2 and "give one of them" in both.output

@@ -99,6 +99,9 @@ def test_photo_shows_the_out_of_distribution_warning(page, server_url, tmp_path)
     page.wait_for_selector("#result:not([hidden])", timeout=120_000)
     assert page.is_visible("#ood-warning")
     assert "unlike the images the model was trained on" in page.inner_text("#ood-warning")
+    assert page.is_visible("#refer") and page.get_attribute("#refer", "role") == "alert"
+    assert page.inner_text("#refer").startswith("Refer to a radiologist: ")
+    assert "out of distribution: unlike the training images" in page.inner_text("#refer")
     page.screenshot(path=str(tmp_path / "ood.png"), full_page=True)
     shutil.copy(tmp_path / "ood.png", Path("/tmp/cxrnn-browser-screenshots") / "ood.png")
 
@@ -110,3 +113,23 @@ def test_bad_file_shows_the_reason(page, server_url, tmp_path):
     page.set_input_files("#file-input", str(bad))
     page.wait_for_selector("#error:not([hidden])", timeout=60_000)
     assert "not an image" in page.inner_text("#error")
+
+
+def test_prediction_set_and_refer_banner_follow_the_response(page, server_url):
+    """The page's rendering of issue 15's fields, fed responses directly: a set of two refers, a singleton
+    does not, a model without sets shows no set line."""
+    page.goto(server_url + "/")
+    base = {"label": "covid", "probabilities": {"covid": 0.5, "normal": 0.1, "pneumonia": 0.4}, "ood": None,
+            "warnings": [], "image_png": "", "heatmap_png": "", "method": "gradcam", "target": "covid",
+            "image": {"width": 8, "height": 8, "format": "png"}, "timing_ms": 1.0}
+    reason = "prediction set {covid, pneumonia}: the model cannot tell these apart at 90% coverage"
+    page.evaluate("(d) => renderResult(d)", {**base, "prediction_set": ["covid", "pneumonia"], "refer": True,
+                                             "refer_reason": reason})
+    assert page.inner_text("#prediction-set") == "{covid, pneumonia}"
+    assert page.is_visible("#set-line")
+    assert page.inner_text("#refer") == "Refer to a radiologist: " + reason
+    page.evaluate("(d) => renderResult(d)", {**base, "prediction_set": ["covid"], "refer": False,
+                                             "refer_reason": None})
+    assert page.inner_text("#prediction-set") == "{covid}" and not page.is_visible("#refer")
+    page.evaluate("(d) => renderResult(d)", {**base, "prediction_set": None, "refer": False, "refer_reason": None})
+    assert not page.is_visible("#set-line") and not page.is_visible("#refer")

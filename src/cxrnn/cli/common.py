@@ -81,11 +81,20 @@ def acquisition_policy(accept_non_chest: bool) -> str:
     return "flag" if accept_non_chest else "refuse"
 
 
-def verdict_marks(ood: dict[str, Any] | None, warnings: list[str]) -> str:
-    """What follows a prediction on its line: the out-of-distribution mark and the reader's warnings."""
+def verdict_marks(ood: dict[str, Any] | None, warnings: list[str], prediction_set: list[str] | None = None,
+                  refer: bool = False) -> str:
+    """What follows a prediction on its line: the conformal prediction set (when the model has one), the
+    out-of-distribution mark, REFER when the case should go to a radiologist, and the reader's warnings."""
+    shown = f"  set {{{printable(', '.join(prediction_set))}}}" if prediction_set is not None else ""
     flag = "  [bold red]OUT OF DISTRIBUTION[/bold red]" if ood and ood["flagged"] else ""
+    referral = "  [bold red]REFER[/bold red]" if refer else ""
     notes = f"  [yellow]warning: {printable('; '.join(warnings))}[/yellow]" if warnings else ""
-    return flag + notes
+    return shown + flag + referral + notes
+
+
+def prediction_marks(p: Any) -> str:
+    """``verdict_marks`` of a ``Prediction`` (or any record with ood, warnings, prediction_set and refer)."""
+    return verdict_marks(p.ood, p.warnings, getattr(p, "prediction_set", None), bool(getattr(p, "refer", False)))
 
 
 def outside_paths(allow: bool) -> dict[str, bool]:

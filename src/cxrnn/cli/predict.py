@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from cxrnn.cli.common import (ACCEPT_NON_CHEST_HELP, acquisition_policy, app, console, fail, in_range, out_console,
-                              output_folder, outside_paths, print_metrics, printable, progress_bars, verdict_marks, warn)
+                              output_folder, outside_paths, prediction_marks, print_metrics, printable, progress_bars, warn)
 from cxrnn.cli.options import config_help, config_range
 from cxrnn.evaluation.bootstrap import DEFAULT_BOOTSTRAP
 from cxrnn.training.config import at_least
@@ -58,6 +58,9 @@ def predict(
     precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast; torch runtime)."),
     cam: Optional[Path] = typer.Option(None, "--cam", help="Also write Grad-CAM maps (overlay, panel, .npy) to this folder."),
     accept_non_chest: bool = typer.Option(False, "--accept-non-chest", help=ACCEPT_NON_CHEST_HELP),
+    dicom_out: Optional[Path] = typer.Option(
+        None, "--dicom-out", help="Also write, per DICOM input, a Structured Report of the finding (NAME_sr.dcm) and a "
+                                  "Secondary Capture of the Grad-CAM panel (NAME_sc.dcm) to this folder."),
 ) -> None:
     """Classify images: the label and every class probability per image.
 
@@ -65,7 +68,7 @@ def predict(
     lateral view or a DICOM without Modality is predicted with a warning.
     """
     from cxrnn.data.dataset import list_image_files
-    from cxrnn.inference.predictor import Prediction, Predictor
+    from cxrnn.inference.predictor import NO_CONFORMAL_NOTICE, Prediction, Predictor
 
     try:
         predictor = Predictor.from_file(model, batch_size=batch_size, runtime=runtime, device=device,
@@ -75,8 +78,14 @@ def predict(
         fail(str(exc))
     if not files:
         fail("no image files found in " + ", ".join(map(str, paths)))
+    if predictor.conformal is None:  # once for the run, not per file
+        warn(f"{model}: {NO_CONFORMAL_NOTICE}")
+    if cam is not None and dicom_out is not None:
+        fail("--cam and --dicom-out each run their own explanation pass: give one of them")
     if cam is not None:
         output_folder(cam, "--cam")
+    if dicom_out is not None:
+        output_folder(dicom_out, "--dicom-out")
     failures = 0
 
     def show(p: Prediction) -> None:
@@ -92,11 +101,24 @@ def predict(
         else:
             probs = "  ".join(f"{c} {v:.3f}" for c, v in p.probabilities.items())  # type: ignore[union-attr]
             # soft_wrap: one line per file even when stdout is a pipe, which rich would wrap at 80 columns
-            out_console.print(f"{printable(p.path)}: [bold]{p.label}[/bold]  ({probs}){verdict_marks(p.ood, p.warnings)}",
+            out_console.print(f"{printable(p.path)}: [bold]{p.label}[/bold]  ({probs}){prediction_marks(p)}",
                               highlight=False, soft_wrap=True)
 
     index = None
-    if cam is None:
+    if dicom_out is not None:
+        from cxrnn.pacs.results import dicom_results_for_files, model_info
+
+        def show_with_dicom(p: Prediction, written: dict[str, str]) -> None:
+            show(p)
+            if p.error is None and not written:
+                warn(f"{p.path}: not a DICOM file: no SR or SC written (they must reference a DICOM source)")
+
+        try:
+            dicom_results_for_files(predictor, files, dicom_out, model_info(predictor.bundle, model),
+                                    on_result=show_with_dicom)
+        except (ValueError, OSError) as exc:
+            fail(str(exc))
+    elif cam is None:
         for start in range(0, len(files), batch_size):  # print as each batch is done, not at the end
             for p in predictor.predict_paths(files[start : start + batch_size]):
                 show(p)

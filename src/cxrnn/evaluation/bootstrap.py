@@ -33,10 +33,25 @@ def _weighted_auc(counts: np.ndarray, truth: np.ndarray, scores: np.ndarray) -> 
 def bootstrap_replicates(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str], n_boot: int = DEFAULT_BOOTSTRAP,
                          seed: int = 0) -> dict[str, np.ndarray]:
     """Metric values of every bootstrap replicate, keyed like the ``ci`` entries."""
-    n = len(y_true)
+    return weighted_metrics(resample_counts(len(y_true), n_boot, seed), y_true, probs, classes)
+
+
+def resample_counts(n: int, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> np.ndarray:
+    """(B, N) multinomial counts: how often each of ``n`` images is drawn in each of ``n_boot`` resamples."""
     rng = np.random.default_rng(seed)
-    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot)  # (B, N)
-    return weighted_metrics(counts, y_true, probs, classes)
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot)
+
+
+def percentile_interval(values: np.ndarray, level: float = 0.95) -> dict[str, float | None]:
+    """``{"low", "high"}`` of the finite ``values`` (None when there are none): the percentile interval."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return {"low": None, "high": None}
+    alpha = (1.0 - level) / 2
+    # Bounds are replicate values themselves: interpolating between two 1.0 replicates gives
+    # 0.9999999999999999, an interval that misses a perfect point estimate.
+    return {"low": float(np.quantile(v, alpha, method="lower")), "high": float(np.quantile(v, 1 - alpha, method="higher"))}
 
 
 def weighted_metrics(counts: np.ndarray, y_true: Sequence[int], probs: np.ndarray,
@@ -82,17 +97,9 @@ def bootstrap_ci(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str
     if n_boot <= 0 or len(y_true) == 0:
         return {}
     reps = bootstrap_replicates(y_true, probs, classes, n_boot, seed)
-    alpha = (1.0 - level) / 2
 
     def interval(values: np.ndarray) -> dict[str, float | None]:
-        v = values[np.isfinite(values)]
-        if len(v) == 0:
-            return {"low": None, "high": None}
-        # Bounds are replicate values themselves: interpolating between two 1.0 replicates gives
-        # 0.9999999999999999, an interval that misses a perfect point estimate.
-        lo = np.quantile(v, alpha, method="lower")
-        hi = np.quantile(v, 1 - alpha, method="higher")
-        return {"low": float(lo), "high": float(hi)}
+        return percentile_interval(values, level)
 
     ci: dict[str, Any] = {"level": level, "n_boot": int(n_boot), "method": "percentile bootstrap over test images"}
     for key in ("accuracy", "macro_f1", "macro_auc", "macro_precision", "macro_recall"):

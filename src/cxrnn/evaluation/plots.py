@@ -1,9 +1,9 @@
-"""Confusion matrix and ROC plots, labelled with class names."""
+"""Confusion matrix, ROC and risk-coverage plots, labelled with class names."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -56,4 +56,34 @@ def plot_roc(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str], p
     ax.set_ylabel("true positive rate (sensitivity)")
     ax.set_title("ROC, one class vs rest")
     ax.legend(loc="lower right")
+    return save_figure(fig, path)
+
+
+def plot_risk_coverage(curve: Sequence[dict[str, Any]], operating_point: dict[str, Any] | None, path: str | Path,
+                       target: float | None = None) -> Path:
+    """Accuracy of the images kept against the share kept (most confident first), with the conformal
+    rule's operating point (keep the singleton sets, refer the rest) as a marker."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 4.2))
+    ax = fig.add_subplot()
+    points = [(p["kept"], p["accuracy"]) for p in curve if p.get("accuracy") is not None]
+    if points:
+        ax.plot([k for k, _ in points], [a for _, a in points], "o-", ms=3,
+                label="keep the most confident (top-class probability)")
+    if operating_point and operating_point.get("kept_accuracy") is not None:
+        label = "prediction sets: keep singletons, refer the rest"
+        if target is not None:
+            label += f" (coverage {target:g})"
+        ax.plot([operating_point["kept"]], [operating_point["kept_accuracy"]], "r*", ms=12, label=label)
+    elif operating_point and operating_point.get("kept") == 0:
+        ax.text(0.02, 0.06, "prediction sets: no singleton, every image referred", transform=ax.transAxes,
+                color="red", fontsize=8)
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(min([0.5] + [a for _, a in points]) - 0.02, 1.02)
+    ax.set_xlabel("share of images kept (the rest referred)")
+    ax.set_ylabel("accuracy of the kept images")
+    ax.set_title("Risk-coverage")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
     return save_figure(fig, path)

@@ -40,8 +40,54 @@ def ci_text(metrics: dict[str, Any], key: str) -> str:
     return f" [{ci['low']:.3f}, {ci['high']:.3f}]"
 
 
+def _share(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _estimate(entry: dict[str, Any]) -> str:
+    if entry.get("estimate") is None:
+        return "n/a"
+    ci = f" [{entry['low']:.3f}, {entry['high']:.3f}]" if entry.get("low") is not None else ""
+    return f"{entry['estimate']:.3f}{ci}"
+
+
+def prediction_set_section(conformal: dict[str, Any] | None) -> list[str]:
+    """The "Prediction sets" section: target and empirical coverage per class, set sizes, referral."""
+    if not conformal:
+        return []
+    if "note" in conformal and "coverage" not in conformal:
+        return ["## Prediction sets", "", conformal["note"], ""]
+    target = conformal["target_coverage"]
+    lines = ["## Prediction sets", "",
+             f"Each image gets the set of classes the model cannot rule out at coverage {target:g}, class by class "
+             f"(class-conditional conformal): an image of any class should have its class in the set at least "
+             f"{target:.0%} of the time. Calibrated on the {conformal['calibrated_on']}; measured on the "
+             f"{conformal['evaluated_on']}" + (f", 95% intervals from {conformal['ci']['n_boot']} bootstrap resamples"
+                                               if conformal.get("ci", {}).get("n_boot") else "") + ".", "",
+             "| class | calibration images | threshold on 1 - p | empirical coverage | 95% CI | test images |",
+             "|---|---|---|---|---|---|"]
+    fmt_ci = lambda e: "n/a" if e.get("low") is None else f"[{e['low']:.3f}, {e['high']:.3f}]"  # noqa: E731
+    for name, row in conformal["per_class"].items():
+        t = conformal["thresholds"][name]
+        lines.append(f"| {name} | {conformal['calibration_counts'][name]} | "
+                     f"{'in every set' if t is None else f'{t:.3f}'} | {_fmt(row['estimate'])} | {fmt_ci(row)} | {row['n']} |")
+    overall = conformal["coverage"]
+    lines.append(f"| all | {sum(conformal['calibration_counts'].values())} | | {_fmt(overall['estimate'])} | "
+                 f"{fmt_ci(overall)} | {overall['n']} |")
+    sizes, op = conformal["set_sizes"], conformal["operating_point"]
+    lines += ["",
+              f"- mean set size {_fmt(conformal['mean_set_size'])}; singleton {_share(sizes['singleton'])}, "
+              f"more than one class {_share(sizes['multiple'])}, empty {_share(sizes['empty'])}",
+              f"- accuracy on singleton sets {_estimate(conformal['singleton_accuracy'])}",
+              f"- referral (refer unless the set is exactly the top class): {_share(op['referred'])} referred, "
+              f"accuracy of the kept {_fmt(op['kept_accuracy'])}"]
+    lines += [f"- warning: {w}" for w in conformal.get("warnings", [])]
+    lines += ["", "![risk-coverage](risk_coverage.png)", ""]
+    return lines
+
+
 def report_sections(metrics: dict[str, Any]) -> list[str]:
-    """Markdown for report.md: confidence intervals, calibration, leave-one-source-out."""
+    """Markdown for report.md: confidence intervals, calibration, prediction sets, leave-one-source-out."""
     lines: list[str] = []
     if "ci" in metrics:
         ci = metrics["ci"]
@@ -63,6 +109,7 @@ def report_sections(metrics: dict[str, Any]) -> list[str]:
         lines += ["## Calibration", "", f"temperature {cal['temperature']:.3f} (fitted on {cal['fitted_on'] or 'nothing: no validation split'}); "
                   f"test ECE (15 bins) before {cal['ece_before']:.3f}"
                   + (f", after {cal['ece_after']:.3f}" if "ece_after" in cal else ""), "", "![reliability](reliability.png)", ""]
+    lines += prediction_set_section(metrics.get("conformal"))
     loso = metrics.get("leave_one_source_out")
     if loso:
         lines += ["## Leave one source out (train on the other sources, test on the held-out one)", "",

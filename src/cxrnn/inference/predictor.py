@@ -15,10 +15,35 @@ from cxrnn.inference.engines import Engine, OnnxEngine, TorchEngine, check_runti
 from cxrnn.inference.export import export_model
 from cxrnn.inference.graph import OUTPUT_NAMES, InferenceModule
 from cxrnn.models.bundle import ModelBundle, load_bundle
+from cxrnn.models.conformal import ConformalSets
 from cxrnn.models.ood import OodStats
 from cxrnn.models.preprocess import to_input_tensor
 
 Progress = Callable[[int, int], None]
+
+# What the command line says once about a model file from before prediction sets (after "MODEL: ").
+NO_CONFORMAL_NOTICE = "no conformal calibration (trained before prediction sets): predictions have no prediction_set"
+
+
+def referral(prediction_set: Sequence[str] | None, ood: dict[str, Any] | None,
+             coverage: float | None = None, label: str | None = None) -> tuple[bool, str | None]:
+    """(refer, reason): refer to a radiologist when the prediction set is not exactly one class (empty or
+    several), when its one class is not the top class ``label`` (class-conditional thresholds differ per
+    class, so a set can keep a class the top probability did not pick), or when the image is out of
+    distribution; the reasons joined with "; ". ``prediction_set`` None (a model without conformal
+    calibration) leaves the decision to the OOD gate alone."""
+    reasons = []
+    if prediction_set is not None and len(prediction_set) != 1:
+        if not prediction_set:
+            reasons.append("empty prediction set: no class reaches the calibrated threshold")
+        else:
+            level = f" at {round(coverage * 100, 4):g}% coverage" if coverage is not None else ""
+            reasons.append(f"prediction set {{{', '.join(prediction_set)}}}: the model cannot tell these apart{level}")
+    elif prediction_set is not None and label is not None and prediction_set[0] != label:
+        reasons.append(f"prediction set {{{prediction_set[0]}}} disagrees with the top class {label}")
+    if ood and ood.get("flagged"):
+        reasons.append("out of distribution: unlike the training images")
+    return bool(reasons), "; ".join(reasons) or None
 
 
 def _make_engine(bundle: ModelBundle, runtime: str, device: str, precision: str) -> Engine:
@@ -43,12 +68,18 @@ class Prediction:
     ood: dict[str, Any] | None = None  # {"score", "threshold", "flagged"}; None if the model has no OOD gate
     # Why this diagnosis may not apply (e.g. "lateral view (ViewPosition LL): ..."), one line each, no path.
     warnings: list[str] = field(default_factory=list)
+    # The conformal prediction set (class names, model order); None when the model has no conformal calibration.
+    prediction_set: list[str] | None = None
+    refer: bool = False  # the set is not exactly one class, or the image is out of distribution
+    refer_reason: str | None = None  # why ``refer``, one short sentence per reason joined with "; "
 
     def to_dict(self) -> dict[str, Any]:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
         return {"path": self.path, "label": self.label, "probabilities": self.probabilities, "ood": self.ood,
-                "warnings": list(self.warnings)}
+                "warnings": list(self.warnings),
+                "prediction_set": None if self.prediction_set is None else list(self.prediction_set),
+                "refer": self.refer, "refer_reason": self.refer_reason}
 
 
 class Predictor:
@@ -70,6 +101,11 @@ class Predictor:
         self.bundle.net.eval()
         self.engine = _make_engine(bundle, check_runtime(runtime), device, precision)  # same outputs either way
         self.ood_stats = OodStats.from_extras(bundle.extras)
+        # None for a model trained before prediction sets (see NO_CONFORMAL_NOTICE)
+        self.conformal = ConformalSets.from_extras(bundle.extras)
+        if self.conformal is not None and list(self.conformal.classes) != list(bundle.classes):
+            raise ValueError(f"the model's conformal calibration is for classes {list(self.conformal.classes)}, "
+                             f"the model has {list(bundle.classes)}")
 
     @classmethod
     def from_file(cls, path: str | Path, batch_size: int = 16, runtime: str = "torch", device: str = "cpu",
@@ -105,16 +141,31 @@ class Predictor:
         return {"score": float(score), "threshold": self.ood_stats.threshold,
                 "flagged": bool(score > self.ood_stats.threshold)}
 
+    def prediction_set(self, probs: np.ndarray) -> list[str] | None:
+        """One image's conformal set (class names) from its probabilities (K,), applied in numpy so the torch
+        and onnx engines give the same sets; None for a model without conformal calibration."""
+        if self.conformal is None:
+            return None
+        return self.conformal.set_names(np.asarray(probs)[None, :])[0]
+
     def to_prediction(self, path: str, probs: np.ndarray, ood_score: float | None = None,
                       warnings: Sequence[str] = ()) -> Prediction:
         """One image's outputs as the record that the CLI, the API and the demo all report; ``warnings``
-        are the reader's (``read_image_checked``)."""
+        are the reader's (``read_image_checked``). The prediction set and the referral are computed here,
+        the one place every engine and every caller goes through."""
+        ood = self.ood_result(ood_score) if ood_score is not None else None
+        names = self.prediction_set(probs)
+        label = self.classes[int(np.argmax(probs))]
+        refer, reason = referral(names, ood, self.conformal.coverage if self.conformal else None, label)
         return Prediction(
             path=path,
-            label=self.classes[int(np.argmax(probs))],
+            label=label,
             probabilities={c: float(p) for c, p in zip(self.classes, probs)},
-            ood=self.ood_result(ood_score) if ood_score is not None else None,
+            ood=ood,
             warnings=list(warnings),
+            prediction_set=names,
+            refer=refer,
+            refer_reason=reason,
         )
 
     def read(self, source: str | Path | bytes, name: str | None = None) -> tuple[np.ndarray, list[str]]:

@@ -80,6 +80,15 @@ class PredictResponse(BaseModel):
     ood: Optional[OodResult] = Field(None, description="null when the model has no out-of-distribution statistics")
     warnings: list[str] = Field(default_factory=list,
                                 description="why the diagnosis may not apply, e.g. a lateral view or a DICOM without Modality")
+    prediction_set: Optional[list[str]] = Field(
+        None, description="the conformal prediction set: every class the model cannot rule out at the model's "
+                          "calibrated coverage (e.g. 90%: an image of class k has k in its set with probability "
+                          ">= 0.9, for each class), in the model's class order; null when the model has no "
+                          "conformal calibration (trained before prediction sets)")
+    refer: bool = Field(description="refer to a radiologist: the prediction set is not exactly one class (empty "
+                                    "or several), or the image is out of distribution")
+    refer_reason: Optional[str] = Field(None, description="why refer is true, one short sentence per reason "
+                                                          "joined with '; '; null when refer is false")
     model: ModelInfo
     timing_ms: float
     image: dict[str, Any] = Field(description="width, height and sniffed format of the upload")
@@ -396,27 +405,26 @@ def create_app(
         image, fmt, warnings = await run_in_threadpool(service.decode, data, name)
         return image, fmt, name, warnings
 
-    def response(image: np.ndarray, fmt: str, label: str, probabilities: dict[str, float],
-                 ood: dict[str, Any] | None, warnings: list[str]) -> dict[str, Any]:
+    def response(image: np.ndarray, fmt: str, prediction: Prediction) -> dict[str, Any]:
+        """The JSON of /v1/predict and /v1/explain: the predictor's record (``Prediction.to_dict``, less the
+        path) plus the model and the image; the same fields ``cxrnn predict --json`` prints."""
+        record = prediction.to_dict()
+        record.pop("path", None)
         return {
-            "label": label,
-            "probabilities": probabilities,
-            "ood": ood,
-            "warnings": list(warnings),
+            **record,
             "model": {"name": service.identity["name"], "version": service.identity["version"], "runtime": runtime},
             "image": {"width": int(image.shape[1]), "height": int(image.shape[0]), "format": fmt},
         }
 
     async def decode_and_predict(file: UploadFile) -> dict[str, Any]:
-        image, fmt, _, warnings = await decode_upload(file)
+        image, fmt, name, warnings = await decode_upload(file)
         try:
             future = service.batcher.submit(image)
         except QueueFullError as exc:
             raise ServeError(503, str(exc), headers={"Retry-After": "1"}) from None
         probs, score = await asyncio.wrap_future(future)
-        classes = service.bundle.classes
-        return response(image, fmt, classes[int(np.argmax(probs))], {c: float(p) for c, p in zip(classes, probs)},
-                        service.predictor.ood_result(score), warnings)
+        # the predictor's one code path: label, OOD verdict, prediction set and referral as `cxrnn predict` has them
+        return response(image, fmt, service.predictor.to_prediction(name, probs, score, warnings))
 
     route_errors = {**ERRORS, 408: {"model": ErrorResponse}}  # 408: upload not complete in time
 
@@ -463,9 +471,7 @@ def create_app(
         async def work() -> dict[str, Any]:
             image, fmt, name, warnings = await decode_upload(file)
             prediction, chosen, pngs = await run_in_threadpool(service.explain, image, name, target, method, warnings)
-            return {**response(image, fmt, prediction.label, prediction.probabilities, prediction.ood,
-                               prediction.warnings), **pngs,
-                    "target": chosen, "method": method}
+            return {**response(image, fmt, prediction), **pngs, "target": chosen, "method": method}
 
         result = await within_deadline(work(), started)
         result["timing_ms"] = (time.perf_counter() - started) * 1000

@@ -13,6 +13,7 @@ from typing import Any
 from cxrnn import __version__
 from cxrnn.utils.hashing import file_digest
 from cxrnn.models.bundle import ModelBundle
+from cxrnn.models.conformal import ConformalSets
 from cxrnn.models.ood import OodStats
 
 INTENDED_USE = (
@@ -68,6 +69,20 @@ def calibration_card(bundle: ModelBundle) -> dict[str, Any]:
                                 "after temperature scaling"}
 
 
+def prediction_sets_card(bundle: ModelBundle) -> dict[str, Any] | None:
+    """The conformal calibration the model file holds (coverage, which images), or None for a model
+    trained before prediction sets."""
+    sets = ConformalSets.from_extras(bundle.extras)
+    if sets is None:
+        return None
+    return {"coverage": sets.coverage, "calibrated_on": sets.calibrated_on,
+            "calibration_counts": dict(zip(sets.classes, sets.calibration_counts)), "warnings": list(sets.warnings),
+            "method": "class-conditional (Mondrian) split-conformal, score 1 - p",
+            "note": "each response's prediction_set holds every class not ruled out: an image of class k has k "
+                    "in its set with probability >= coverage, for each class; refer is true when the set is "
+                    "not exactly one class or the image is out of distribution"}
+
+
 def model_identity(bundle: ModelBundle, model_path: str | Path) -> dict[str, str]:
     return {"name": f"cxrnn-{bundle.backbone_name}-{bundle.head_name}", "version": file_digest(model_path)[:12],
             "created": bundle.created}
@@ -102,6 +117,7 @@ def model_card(bundle: ModelBundle, model_path: str | Path, runtime: str) -> dic
         "test_metrics": held_out_metrics(bundle.metrics),
         "calibration": calibration_card(bundle),
         "out_of_distribution": ood.summary() if ood else None,
+        "prediction_sets": prediction_sets_card(bundle),
         "intended_use": INTENDED_USE,
         "limitations": LIMITATIONS,
         "training_config": {k: bundle.config.get(k) for k in ("optimizer", "lr", "epochs", "batch_size", "seed",

@@ -125,6 +125,9 @@ class TrainConfig:
     device: str = option("cpu", "cpu or cuda; under torchrun each process uses its local GPU.")
     bootstrap: int = option(DEFAULT_BOOTSTRAP, "Bootstrap resamples for the test metrics' 95% intervals (0: none).",
                            bounds=at_least(0))
+    coverage: float = option(0.9, "Target coverage of the prediction sets: each class's images have that class in "
+                                  "their set at least this often (class-conditional conformal, fitted on the "
+                                  "validation split).", bounds=within(0, 1, low_open=True, high_open=True))
     dedup: bool = option(True, "Keep exact and near-duplicate images on one side of every split.")
     near_duplicate_threshold: int = option(DEFAULT_THRESHOLD, "pHash bits (of 256) within which two images "
                                                               "count as copies.", bounds=within(0, 256))

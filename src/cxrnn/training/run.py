@@ -4,11 +4,12 @@ A run (``cxrnn.training.pipeline.train``) is: read the dataset -> the fitter rea
 features or decoded pixels) -> :func:`prepare_data` (duplicate-aware groups, split) -> fit ->
 :func:`finish_run`. The two fitters (``training.frozen`` and ``training.finetune``) differ only in how
 the network is fitted; everything after the fit comes from here, so every run gets the same
-temperature scaling, bootstrap intervals, ECE, reliability diagram, out-of-distribution statistics,
-model file (with what was measured, for the model card), history and report.
+temperature scaling, bootstrap intervals, ECE, reliability diagram, conformal prediction sets (with
+their test coverage and risk-coverage curve), out-of-distribution statistics, model file (with what
+was measured, for the model card), history and report.
 
 Every artefact of a run lands in its run directory: config.yaml, model.pt, history.csv, metrics.json,
-confusion_matrix.png, roc.png, reliability.png, predictions.csv and report.md.
+confusion_matrix.png, roc.png, reliability.png, risk_coverage.png, predictions.csv and report.md.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from cxrnn.audit.duplicates import duplicate_group_ids
 from cxrnn.data.groups import combine_groups
 from cxrnn.data.dataset import Dataset
 from cxrnn.data.splits import Split, train_val_test_split
-from cxrnn.evaluation.calibration import calibrate
+from cxrnn.evaluation.calibration import calibrate, softmax
 from cxrnn.evaluation.report import write_report
-from cxrnn.evaluation.scoring import score_predictions, write_evaluation
+from cxrnn.evaluation.scoring import conformal_metrics, score_predictions, write_evaluation
 from cxrnn.models.bundle import BUNDLE_METRICS, ModelBundle, save_bundle
+from cxrnn.models.conformal import EXTRAS_KEY as CONFORMAL_KEY, ConformalSets
 from cxrnn.models.network import CxrNet
 from cxrnn.models.ood import ood_extras
 from cxrnn.models.backbones import Preprocessing
@@ -160,8 +162,9 @@ def _warn_missing_classes(split: Split, labels: np.ndarray, classes: Sequence[st
 
 
 def finish_run(cfg: TrainConfig, run_dir: Path, data: PreparedData, model: FittedModel, log: Log) -> TrainResult:
-    """The shared tail of every run: temperature, test metrics with intervals and ECE, evaluation files,
-    OOD statistics, model file (with what was measured, for the model card), history and report."""
+    """The shared tail of every run: temperature, test metrics with intervals and ECE, prediction sets
+    (calibrated on the temperature's rows, measured on the test split), evaluation files, OOD statistics,
+    model file (with what was measured, for the model card), history and report."""
     split, labels, classes = data.split, data.labels, data.dataset.classes
     temperature, uncalibrated, test_probs, calibration = calibrate(
         model.calibration_logits, labels[model.calibration_rows], model.test_logits, labels[split.test])
@@ -172,6 +175,9 @@ def finish_run(cfg: TrainConfig, run_dir: Path, data: PreparedData, model: Fitte
     if model.folds:
         metrics["folds"] = model.folds
         metrics["cv"] = fold_stats(model.folds)
+    sets = fit_prediction_sets(cfg, model, labels, classes, temperature, log)
+    if sets is not None:
+        metrics["conformal"] = conformal_metrics(sets, labels[split.test], test_probs, cfg.bootstrap, cfg.seed)
     write_evaluation(run_dir, labels[split.test], test_probs, classes, [data.paths[i] for i in split.test], metrics,
                      before=uncalibrated)
 
@@ -193,12 +199,37 @@ def finish_run(cfg: TrainConfig, run_dir: Path, data: PreparedData, model: Fitte
     ood = ood_extras(model.pooled_features(np.concatenate([split.train, split.val])), log)
     if ood is not None:
         bundle.extras["ood"] = ood
+    if sets is not None:
+        bundle.extras[CONFORMAL_KEY] = sets.to_extras()
     model_path = save_bundle(bundle, run_dir / "model.pt")
     write_history(run_dir / "history.csv", model.history)
     result = TrainResult(run_dir=run_dir, model_path=model_path, metrics=metrics, history=model.history,
                          folds=model.folds, timings=model.timings, cache=model.cache, skipped=data.skipped)
     write_report(run_dir, cfg, result)
     return result
+
+
+def fit_prediction_sets(cfg: TrainConfig, model: FittedModel, labels: np.ndarray, classes: Sequence[str],
+                        temperature: float, log: Log) -> ConformalSets | None:
+    """Class-conditional conformal sets at ``cfg.coverage``, calibrated on the temperature-scaled
+    probabilities of the rows that fitted the temperature (the validation split, or with k-fold the kept
+    fold's validation part); None, with a log line, when there are none."""
+    rows = np.asarray(model.calibration_rows, dtype=int)
+    if len(rows) == 0:
+        log("no validation images: prediction sets skipped (the model gets no conformal calibration; "
+            "use --val-size > 0 or --folds)")
+        return None
+    kfold = bool(cfg.folds and not cfg.finetune)
+    where = (f"validation part of the kept fold of {cfg.folds}-fold cross-validation" if kfold
+             else "validation split")
+    picked = "picked the fold and its best epoch" if kfold else "picked the best epoch"
+    calibrated_on = (f"{where} ({len(rows)} images; it also {picked} and fitted the temperature, "
+                     "so coverage is checked on the test split)")
+    probs = softmax(model.calibration_logits, temperature)
+    sets = ConformalSets.calibrate(probs, labels[rows], classes, cfg.coverage, calibrated_on)
+    for warning in sets.warnings:
+        log(f"warning: prediction sets: {warning}")
+    return sets
 
 
 def fold_stats(rows: list[dict]) -> dict[str, Any]:

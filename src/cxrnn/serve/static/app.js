@@ -4,13 +4,18 @@ const $ = (id) => document.getElementById(id);
 
 function show(el, visible) { el.hidden = !visible; }
 
+let coverage = null; // the model's conformal coverage, from /v1/model (null: no prediction sets)
+
 async function loadModel() {
   try {
     const r = await fetch("/v1/model");
     const card = await r.json();
     const acc = card.test_metrics && card.test_metrics.accuracy;
+    const sets = card.prediction_sets;
+    coverage = sets && typeof sets.coverage === "number" ? sets.coverage : null;
     $("model-line").textContent = `${card.name} (version ${card.version}, runtime ${card.runtime}) · classes: ${card.classes.join(", ")}`
-      + (typeof acc === "number" ? ` · test accuracy ${(acc * 100).toFixed(1)}% (n=${card.test_metrics.n})` : "");
+      + (typeof acc === "number" ? ` · test accuracy ${(acc * 100).toFixed(1)}% (n=${card.test_metrics.n})` : "")
+      + (coverage !== null ? ` · prediction sets at ${+(coverage * 100).toFixed(2)}% coverage` : "");
   } catch (e) {
     $("model-line").textContent = "model card unavailable";
   }
@@ -41,6 +46,16 @@ function renderBars(probabilities, label) {
 function renderResult(data) {
   $("label").textContent = data.label;
   renderBars(data.probabilities, data.label);
+  const set = data.prediction_set;
+  if (Array.isArray(set)) {
+    $("prediction-set").textContent = set.length ? `{${set.join(", ")}}` : "{} (empty)";
+    $("set-coverage").textContent = coverage !== null ? `(${+(coverage * 100).toFixed(2)}% coverage)` : "";
+  }
+  show($("set-line"), Array.isArray(set));
+  if (data.refer) {
+    $("refer").textContent = `Refer to a radiologist: ${data.refer_reason || "the model cannot decide this image"}`;
+  }
+  show($("refer"), Boolean(data.refer));
   const ood = data.ood;
   const notes = [];
   if (ood && ood.flagged) {
@@ -62,6 +77,7 @@ function renderResult(data) {
 
 async function analyse(file) {
   show($("error"), false);
+  show($("refer"), false);
   show($("ood-warning"), false);
   show($("result"), false);
   $("file-name").textContent = `${file.name} (${(file.size / 1024).toFixed(0)} KB)`;
