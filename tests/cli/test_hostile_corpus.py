@@ -106,14 +106,15 @@ def cxrnn(*args: str) -> subprocess.CompletedProcess:
 def test_predict_answers_in_time_with_one_line_per_bad_file(trained_run, corpus):
     bad, good, huge = corpus
     model = str(trained_run.model_path)
-    alone = [json.loads(line) for line in cxrnn("predict", model, *map(str, good), "--json").stdout.splitlines()]
+    alone = {(line := json.loads(text))["path"]: line
+             for text in cxrnn("predict", model, *map(str, good), "--json").stdout.splitlines()}
 
     result = cxrnn("predict", model, *map(str, good + bad + [huge]), "--json")
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]  # one per file (in sorted path order)
     assert len(lines) == len(good) + len(bad) + 1
     by_path = {line["path"]: line for line in lines}
-    assert [by_path[str(p)] for p in good] == alone  # the good files' results are untouched by the bad ones
+    assert {str(p): by_path[str(p)] for p in good} == alone  # the good files' results are untouched by the bad ones
     for path in bad:
         line = by_path[str(path)]
         assert set(line) == {"path", "error"}, line
