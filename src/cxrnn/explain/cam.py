@@ -481,6 +481,25 @@ def predict_and_explain(
             for pred, path, image, r in zip(predictions, paths, images, results)]
 
 
+def predict_and_explain_paths(
+    predictor: "Predictor", explainer: CamExplainer, paths: Iterable[str | Path], target: str | None = None,
+) -> Iterator[tuple["Prediction", Explanation]]:
+    """(Prediction, Explanation) per path, in order, in the predictor's batches, every file decoded once
+    under the predictor's acquisition policy; an unreadable or refused file gives both with ``error``."""
+    from cxrnn.inference.predictor import Prediction
+
+    paths = [str(p) for p in paths]
+    for start in range(0, len(paths), predictor.batch_size):
+        chunk = paths[start : start + predictor.batch_size]
+        read, errors = read_images(chunk, predictor.bundle.preprocessing, predictor.acquisition)
+        results = {i: (Prediction(path=exp.path, error=exp.error), exp) for i, exp in errors}
+        if read:
+            pairs = predict_and_explain(predictor, explainer, [item for _, item in read], [chunk[i] for i, _ in read],
+                                        target)
+            results.update((i, pair) for (i, _), pair in zip(read, pairs))
+        yield from (results[i] for i in range(len(chunk)))
+
+
 def explain(
     model: str | Path | ModelBundle,
     paths: Iterable[str | Path],

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from cxrnn.data.dicom import AcquisitionPolicy
-from cxrnn.explain.cam import CamExplainer, Explanation, cam_pass_predicts, predict_and_explain, read_images
+from cxrnn.explain.cam import CamExplainer, Explanation, cam_pass_predicts, predict_and_explain_paths
 from cxrnn.explain.overlay import OutputNamer, write_explanation
 from cxrnn.models.bundle import ModelBundle
 from cxrnn.utils.atomic import atomic_write_text
@@ -104,25 +104,13 @@ def predict_and_explain_to_dir(
     decoded images and the CAM pass runs in batches of at most ``MAX_CAM_BATCH``.
     ``on_prediction`` gets each file's Prediction, in order, as soon as its batch is done.
     """
-    from cxrnn.inference.predictor import Prediction
-
-    paths = [str(p) for p in paths]
     step = predictor.batch_size
     shared = cam_pass_predicts(predictor)
     folder = MapFolder(out_dir, alpha=alpha, colormap=colormap)
     with CamExplainer(predictor.bundle, method=method, layer=layer,
                       batch_size=step if shared else min(step, MAX_CAM_BATCH)) as explainer:
-        for start in range(0, len(paths), step):
-            chunk = paths[start : start + step]
-            read, errors = read_images(chunk, predictor.bundle.preprocessing, predictor.acquisition)
-            results: dict[int, tuple[Prediction, Explanation]] = {
-                i: (Prediction(path=exp.path, error=exp.error), exp) for i, exp in errors}
-            pairs = predict_and_explain(predictor, explainer, [item for _, item in read],
-                                        [chunk[i] for i, _ in read], target) if read else []
-            results.update((i, pair) for (i, _), pair in zip(read, pairs))
-            for i in range(len(chunk)):
-                prediction, exp = results[i]
-                if on_prediction:
-                    on_prediction(prediction)
-                folder.add(exp)
+        for prediction, exp in predict_and_explain_paths(predictor, explainer, paths, target):
+            if on_prediction:
+                on_prediction(prediction)
+            folder.add(exp)
         return folder.finish(predictor.bundle, method, explainer.layer_name, target)

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from cxrnn.data.io import to_uint8
-from cxrnn.explain.cam import Explanation, display_shape, resize_map
+from cxrnn.explain.cam import Explanation, resize_map
 from cxrnn.utils.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:  # matplotlib loads only when a panel is drawn
@@ -123,15 +123,26 @@ def write_explanation(
         raise ValueError(f"{exp.path}: nothing to write ({exp.error or 'no map'})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    image = resize_map(exp.image, display_shape(exp.image.shape[:2]))
-    shown = resize_map(exp.cam, image.shape[:2])
+    shown = displayed_map(exp)
     files = {
-        "overlay": save_png(out / f"{name}_cam.png", overlay_cam(image, shown, alpha, colormap)),
-        "panel": save_panel(out / f"{name}_panel.png", image, shown, exp.probabilities,
-                            title=f"{Path(exp.path).name}: predicted {exp.label}"
-                            + (" (OUT OF DISTRIBUTION: unlike the training images)" if exp.out_of_distribution else ""),
-                            target=exp.target,
-                            alpha=alpha, colormap=colormap),
+        "overlay": save_png(out / f"{name}_cam.png", overlay_cam(exp.image, shown, alpha, colormap)),
+        "panel": save_panel(out / f"{name}_panel.png", exp.image, shown, exp.probabilities,
+                            title=f"{Path(exp.path).name}: {panel_title(exp)}", target=exp.target, alpha=alpha,
+                            colormap=colormap),
         "map": save_npy(out / f"{name}_cam.npy", exp.cam.astype(np.float32)),
     }
     return {k: str(v) for k, v in files.items()}
+
+
+def displayed_map(exp: Explanation) -> np.ndarray:
+    """The map at the size of the explanation's display image (already bounded by DISPLAY_MAX_SIDE)."""
+    if exp.image is None or exp.cam is None:
+        raise ValueError(f"{exp.path}: no map to draw ({exp.error or 'no map'})")
+    return resize_map(exp.cam, exp.image.shape[:2])
+
+
+def panel_title(exp: Explanation) -> str:
+    """What a panel says of its prediction: the label and, where it applies, the out-of-distribution mark."""
+    return f"predicted {exp.label}" + (" (OUT OF DISTRIBUTION: unlike the training images)"
+                                       if exp.out_of_distribution else "")
+

@@ -238,17 +238,12 @@ def render_panel(exp: "Explanation", alpha: float = 0.4, colormap: str = "jet") 
     """The X-ray | overlay | probabilities panel of ``exp`` (as ``cxrnn explain`` draws it) as uint8 RGB."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from cxrnn.explain.cam import display_shape, resize_map
-    from cxrnn.explain.overlay import panel_figure
+    from cxrnn.explain.overlay import displayed_map, panel_figure, panel_title
 
     if exp.error is not None or exp.image is None or exp.cam is None:
         raise ValueError(f"{exp.path}: no map to draw ({exp.error or 'no map'})")
-    image = resize_map(exp.image, display_shape(exp.image.shape[:2]))
-    shown = resize_map(exp.cam, image.shape[:2])
-    title = (f"predicted {exp.label}" + (" (OUT OF DISTRIBUTION: unlike the training images)"
-                                         if exp.out_of_distribution else "") + " - research use only")
-    fig = panel_figure(image, shown, exp.probabilities, title=title, target=exp.target, alpha=alpha,
-                       colormap=colormap)
+    fig = panel_figure(exp.image, displayed_map(exp), exp.probabilities, title=f"{panel_title(exp)} - research use only",
+                       target=exp.target, alpha=alpha, colormap=colormap)
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     return np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[..., :3])
@@ -336,27 +331,6 @@ def read_finding(sr: "pydicom.Dataset") -> dict[str, Any]:
     return out
 
 
-def predict_and_explain_files(predictor: Any, explainer: Any, paths: list[str | Path],
-                              ) -> list[tuple[Any, "Explanation"]]:
-    """(Prediction, Explanation) per file, in order, every file decoded once (as ``cxrnn predict --cam``): an
-    unreadable or refused file gives a Prediction with ``error``. ``explainer``: a CamExplainer over the
-    predictor's bundle with the predictor's batch size (then the predictions equal ``predict_paths``)."""
-    from cxrnn.explain.cam import predict_and_explain, read_images
-    from cxrnn.inference.predictor import Prediction
-
-    paths = [str(p) for p in paths]
-    out: list[tuple[Any, Explanation]] = []
-    for start in range(0, len(paths), predictor.batch_size):
-        chunk = paths[start : start + predictor.batch_size]
-        read, errors = read_images(chunk, predictor.bundle.preprocessing, predictor.acquisition)
-        results = {i: (Prediction(path=exp.path, error=exp.error), exp) for i, exp in errors}
-        if read:
-            pairs = predict_and_explain(predictor, explainer, [item for _, item in read], [chunk[i] for i, _ in read])
-            results.update((i, pair) for (i, _), pair in zip(read, pairs))
-        out.extend(results[i] for i in range(len(chunk)))
-    return out
-
-
 def dicom_results_for_files(predictor: Any, paths: list[str | Path], out_dir: str | Path,
                             model: Mapping[str, str], on_result: Any = None) -> list[dict[str, Any]]:
     """``cxrnn predict --dicom-out DIR``: per DICOM file its prediction and, when it is readable, NAME_sc.dcm
@@ -364,13 +338,13 @@ def dicom_results_for_files(predictor: Any, paths: list[str | Path], out_dir: st
     (absent for an error or a non-DICOM file: an SR must reference a DICOM source).
     ``on_result(prediction, files)`` is called per file as it is done."""
     from cxrnn.data.io import sniff_format
-    from cxrnn.explain.cam import CamExplainer
+    from cxrnn.explain.cam import CamExplainer, predict_and_explain_paths
     from cxrnn.explain.overlay import OutputNamer
 
     namer = OutputNamer()
     rows = []
     with CamExplainer(predictor.bundle, batch_size=predictor.batch_size) as explainer:
-        for prediction, exp in predict_and_explain_files(predictor, explainer, list(paths)):
+        for prediction, exp in predict_and_explain_paths(predictor, explainer, paths):
             row = prediction.to_dict()
             files: dict[str, str] = {}
             if prediction.error is None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import signal
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,43 +141,40 @@ class PacsRunner:
 
     def _process_instance(self, study_uid: str, inst: dict[str, Any], summary: RunSummary) -> str | None:
         """Predict one instance and store its SC then SR; a skip reason, or None when handled."""
-        from cxrnn.pacs.results import read_source, render_panel, result_objects, predict_and_explain_files, to_bytes
+        from cxrnn.data.io import ImageReadError
+        from cxrnn.explain.cam import ExplainInput, predict_and_explain
+        from cxrnn.pacs.results import read_source, render_panel, result_objects, to_bytes
 
         uid = inst["SOPInstanceUID"]
         ds = self.client.retrieve(study_uid, inst["SeriesInstanceUID"], uid)
         reason = skip_reason(ds, self.modalities, full=True)
         if reason is not None:
             return reason
-        with tempfile.TemporaryDirectory(prefix="cxrnn-pacs-") as tmp:
-            path = Path(tmp) / "instance.dcm"
-            if not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:
-                from pydicom.dataset import FileMetaDataset
-                from pydicom.uid import ExplicitVRLittleEndian
+        if not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:
+            from pydicom.dataset import FileMetaDataset
+            from pydicom.uid import ExplicitVRLittleEndian
 
-                meta = FileMetaDataset()
-                meta.TransferSyntaxUID = ExplicitVRLittleEndian
-                meta.MediaStorageSOPClassUID = ds.SOPClassUID
-                meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-                ds.file_meta = meta
-            path.write_bytes(to_bytes(ds))
-            prediction, exp = predict_and_explain_files(self.predictor, self.explainer, [path])[0]
-        if prediction.error is not None:
-            return prediction.error.removeprefix(f"{path}: ")
+            meta = FileMetaDataset()
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            meta.MediaStorageSOPClassUID = ds.SOPClassUID
+            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.file_meta = meta
+        try:  # the one reader, on the object's bytes, as for an upload
+            image, warnings = self.predictor.read(to_bytes(ds), uid)
+        except ImageReadError as err:
+            return err.reason
+        item = ExplainInput.from_image(image, self.predictor.bundle.preprocessing, warnings)
+        ((prediction, exp),) = predict_and_explain(self.predictor, self.explainer, [item], [uid])
         row = prediction.to_dict()
-        row["path"] = uid
         sc, sr = result_objects(read_source(ds), row, render_panel(exp), self.model)
-        try:
-            self.client.store([sc])
-        except PacsError as exc:
-            summary.failed.append(f"{uid}: SC not stored ({exc.reason}); SR not sent")
-            self.log(f"  {uid}: {prediction.label}: SC not stored ({exc.reason}); SR not sent")
-            return None
-        try:
-            self.client.store([sr])
-        except PacsError as exc:
-            summary.failed.append(f"{uid}: SC stored, SR not stored ({exc.reason})")
-            self.log(f"  {uid}: {prediction.label}: SC stored, SR not stored ({exc.reason})")
-            return None
+        # SC first: an SR is only sent once the panel it speaks for is in the PACS
+        for obj, failure in ((sc, "SC not stored ({}); SR not sent"), (sr, "SC stored, SR not stored ({})")):
+            try:
+                self.client.store([obj])
+            except PacsError as exc:
+                summary.failed.append(f"{uid}: {failure.format(exc.reason)}")
+                self.log(f"  {uid}: {prediction.label}: {failure.format(exc.reason)}")
+                return None
         summary.stored += 1
         probs = "  ".join(f"{c} {v:.3f}" for c, v in row["probabilities"].items())
         flags = ("  OUT OF DISTRIBUTION" if row["ood"] and row["ood"]["flagged"] else "") + ("  REFER" if row["refer"] else "")
