@@ -2,6 +2,8 @@
 
     python benchmarks/bf16_accuracy.py                 # the demo phantom (300 per class), EfficientNet-Lite0, 5 seeds
     python benchmarks/bf16_accuracy.py --per-class 100 --epochs 15 --seeds 0 1
+    python benchmarks/bf16_accuracy.py --head paper --freeze-rnn --per-class 60 --epochs 8 --seeds 0 1 2
+        # the paper head (122 M parameters) with the paper preset's recipe; writes bf16_accuracy_paper.json
 
 For each seed, the same phantom, split and head initialisation for both runs; only ``precision`` differs
 (bf16 autocast for feature extraction and head training, and for the saved model's prediction). Also
@@ -30,6 +32,7 @@ from cxrnn.demo import demo_configs
 from cxrnn.inference.predictor import Predictor
 from cxrnn.inference.device import cpu_name, cpu_supports_bf16
 from cxrnn.training import train
+from cxrnn.training.config import PRESETS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_POINTS = 0.5
@@ -90,12 +93,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
                         help="training seeds (split and head initialisation); features are extracted once")
     parser.add_argument("--work", type=Path, default=None, help="folder for the phantom, runs and cache")
-    parser.add_argument("--out", type=Path, default=RESULTS / "bf16_accuracy.json")
+    parser.add_argument("--head", default=None, help="paper: the paper head and preset instead of the demo's head")
+    parser.add_argument("--freeze-rnn", action="store_true", help="with --head paper: the seed's frozen LSTM")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default results/bf16_accuracy.json (bf16_accuracy_paper.json for --head paper)")
     args = parser.parse_args()
+    args.out = args.out or RESULTS / ("bf16_accuracy_paper.json" if args.head == "paper" else "bf16_accuracy.json")
 
     work = args.work or Path(tempfile.mkdtemp(prefix="cxrnn-bf16-"))
     phantom_cfg, base = demo_configs(work)
     phantom_cfg.per_class = args.per_class
+    if args.head == "paper":  # the paper's recipe (RMSprop, lr 2e-4 x 0.95^epoch, batch 16) on the demo's data
+        base = dataclasses.replace(base, **{**PRESETS["paper"], "epochs": args.epochs or PRESETS["paper"]["epochs"]},
+                                   preset="paper", freeze_rnn=args.freeze_rnn)
+    elif args.head:
+        base = dataclasses.replace(base, head=args.head)
     if not (work / "phantom" / "manifest.csv").is_file():
         generate_phantom(work / "phantom", phantom_cfg)
     seeds = []
@@ -109,7 +121,8 @@ def main() -> None:
               flush=True)
     result = {
         "machine": {"torch": torch.__version__, "cpu": cpu_name(), "native_bf16": cpu_supports_bf16()},
-        "data": {"phantom_per_class": args.per_class, "backbone": base.backbone, "head": base.head},
+        "data": {"phantom_per_class": args.per_class, "backbone": base.backbone, "head": base.head,
+                 "freeze_rnn": base.freeze_rnn, "optimizer": base.optimizer, "epochs": base.epochs},
         "seeds": seeds,
         **summarize(seeds),
     }

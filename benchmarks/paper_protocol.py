@@ -3,38 +3,60 @@
     python benchmarks/paper_protocol.py                      # 4 backbones, 240 images, 10 timed steps
     python benchmarks/paper_protocol.py --backbones vgg19 --steps 4
     python benchmarks/paper_protocol.py --quick              # smoke run: 1 backbone, 3 steps
+    python benchmarks/paper_protocol.py --device cuda        # the same on a GPU (synchronised timing)
 
 Protocol (the seed code's, via the ``paper`` preset): four backbones (vgg19, densenet121, inception_v3,
 inception_resnet_v2) with ``--weights none`` (offline: random weights; the architecture sets the cost),
-the paper head, 80/20 train+val/test split, 5 folds x 20 epochs over the 80 %, RMSprop, batch 16, fp32,
+the paper head, 80/20 train+val/test split, 5 folds x 20 epochs over the 80 %, RMSprop, batch 16,
 then each fold's validation and test pass.
+
+Two heads, each timed in fp32 and bf16 (autocast, fp32 master weights):
+- ``trainable LSTM``: cxrnn's default paper head (the LSTM trains; every step runs its forward and backward);
+- ``--freeze-rnn``: the seed's head (LSTM at random init). Its outputs are a fixed function of the cached map,
+  so ``fit_head`` computes them once per image per fit and each step trains batch norm + dense layers only
+  (the LSTM's FLOP share of the step is 0; a forward hook counts the LSTM calls inside the timed and
+  warm-up steps, printed beside it).
 
 What is MEASURED in this run (per unit, on this machine, now):
 - extraction: ``FeatureStore.extract`` (decode, hash, backbone forward, .npy write) on a few phantom
   images per backbone at batch 8, per image;
 - head training step: the real paper head (``create_head`` with ``paper_head_options``) + the real
   optimizer (``make_optimizer`` with the paper preset: RMSprop), the same inner step as ``fit_head``
-  (forward, cross-entropy, zero_grad, backward, step, ``loss.item()``) on random feature maps of the
-  backbone's real shape, batch 16, ``--steps`` steps after 2 warm-up steps;
-- validation/test pass: ``rows_logits`` (the fit code's evaluation, batch 256) per image;
+  (forward, cross-entropy, zero_grad, backward, step, loss and accuracy summed on the device) on random
+  inputs of the real shape (feature maps, or LSTM outputs for ``--freeze-rnn``), batch 16, ``--steps``
+  steps after 2 warm-up steps, median;
+- the LSTM-output cache (``--freeze-rnn``): ``rnn_output_rows`` (LSTM forward at batch 256 + .npy write)
+  per image;
+- validation/test pass: ``rows_logits`` (the fit code's evaluation) on one full batch of 256 random maps,
+  per image, through the whole head and (``--freeze-rnn``, per-epoch validation) from the cached LSTM outputs;
 - files: ``torch.save`` of the head's state dict (the kept model) and one best-weights copy (fit_head
   copies the state dict on every validation improvement, at most folds x epochs times);
-- the seed's way: per training step, decode 16 phantom images + backbone forward + the same head step;
-- the floors: a 2048x2048 fp32 matmul (best of several) for FLOP/s, a triad a = b + s*c on 256 MB
+- the seed's way: per training step, decode 16 phantom images + backbone forward + the same fp32 head step
+  with the seed's head (frozen LSTM run forward every step);
+- the floors: a 2048x2048 matmul (best of several, fp32 and bf16) for FLOP/s, a triad a = b + s*c on 256 MB
   arrays (best of several) for memory bandwidth.
 
 What is EXTRAPOLATED (linearly; both extraction and head training grow linearly with the images):
 - the whole protocol at N images and at 6,939 images: steps = folds x epochs x ceil(train per fold / 16),
   evaluation images = folds x (epochs x val per fold + val per fold + test), extraction = one pass over
-  all images. Nothing here runs 5 x 20 epochs; every stage total is per-unit time x count.
+  all images, LSTM cache = folds x (train + val per fold) images. Nothing here runs 5 x 20 epochs; every
+  stage total is per-unit time x count.
 
-Floors beside each head step (batch 16, fp32):
-- compute: analytic FLOPs of the LSTM (input projection of all steps + the recurrent matmul per step)
-  and the dense layers, forward x 3 (backward ~ 2x forward for matmuls) / measured matmul FLOP/s;
-- memory: bytes the step must move: RMSprop over the trainable parameters (param, square_avg read and
+Floors beside each head step (batch 16):
+- compute: analytic FLOPs of the matmuls the step must do / the measured large-square matmul rate (a
+  hardware floor: the step's batch-16 matmuls are skinny and no BLAS runs them at the square rate).
+  Forward: the LSTM's input projection of all steps, its recurrent matmul on steps 1.. (h is 0 at step 0)
+  and the dense layers. Backward: 2x forward for a matmul whose input needs a gradient, 1x (weight
+  gradient only) for the input projection, whose input, the feature map, does not train. ``--freeze-rnn``
+  has no LSTM work at all; its first dense layer still needs its input gradient (for the LSTM's batch norm).
+  (This benchmark's first version counted 3x for every LSTM matmul, step 0 included: a higher floor
+  than the step needs, which flattered the ratio.)
+- memory: bytes the step must move: RMSprop over the trainable parameters (param and square_avg read and
   written, grad written by backward and read by the step: 6 x 4 bytes per parameter) plus the dense
-  layers' weights read in forward and in backward (2 x 4 bytes per dense weight) / measured bandwidth;
-- the measured step as a multiple of compute floor + memory floor.
+  layers' fp32 weights read in forward and in backward (2 x 4 bytes per dense weight) / measured bandwidth;
+- the measured step as a multiple of compute floor + memory floor (the sum: the optimizer's pass over
+  memory comes after the matmuls; it cannot overlap them). bf16 rows use the bf16 matmul rate; their
+  memory floor is the same fp32 bytes (master weights and optimizer state stay fp32).
 Writes benchmarks/results/paper_protocol.json.
 """
 
@@ -59,37 +81,54 @@ PAPER_IMAGES = 6939
 BATCH = 16
 
 
-def best_of(fn, repeats: int) -> float:
+def best_of(fn, repeats: int, sync=lambda: None) -> float:
     best = math.inf
     for _ in range(repeats):
+        sync()
         t = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - t)
     return best
 
 
-def measure_matmul_rate(n: int = 2048, repeats: int = 6) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
+def synchronizer(device: torch.device):
+    """Wait for the device's queued work (a CUDA kernel launch returns before the kernel ran)."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def measure_matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048,
+                        repeats: int = 6) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
     torch.matmul(a, b, out=out)  # warm-up
-    return 2.0 * n**3 / best_of(lambda: torch.matmul(a, b, out=out), repeats)
+    return 2.0 * n**3 / best_of(lambda: torch.matmul(a, b, out=out), repeats, synchronizer(device))
 
 
-def measure_bandwidth(megabytes: int = 256, repeats: int = 6) -> float:
+def measure_bandwidth(device: torch.device, megabytes: int = 256, repeats: int = 6) -> float:
     n = megabytes * (1 << 20) // 4
-    a, b, c = torch.empty(n), torch.rand(n), torch.rand(n)
+    a, b, c = torch.empty(n, device=device), torch.rand(n, device=device), torch.rand(n, device=device)
     torch.add(b, c, alpha=0.5, out=a)  # warm-up (pages touched)
-    seconds = best_of(lambda: torch.add(b, c, alpha=0.5, out=a), repeats)
+    seconds = best_of(lambda: torch.add(b, c, alpha=0.5, out=a), repeats, synchronizer(device))
     return 3.0 * n * 4 / seconds  # read b, read c, write a
 
 
-def head_flops(c: int, steps: int, units: int, dense: list[int], classes: int, batch: int = BATCH) -> dict[str, float]:
-    """Forward FLOPs of the paper head's matmuls (elementwise work ignored); backward ~ 2x forward."""
-    lstm = 2.0 * batch * steps * c * 4 * units + 2.0 * batch * steps * units * 4 * units
+def head_flops(c: int, steps: int, units: int, dense: list[int], classes: int, frozen_cached: bool,
+               batch: int = BATCH) -> dict[str, float]:
+    """FLOPs of one training step's matmuls (elementwise work ignored), forward and backward as the step
+    really runs them (see the module docstring)."""
     widths = [steps * units, *dense, classes]
     dense_f = sum(2.0 * batch * i * o for i, o in zip(widths[:-1], widths[1:]))
-    return {"lstm_fwd": lstm, "dense_fwd": dense_f, "step_total": 3.0 * (lstm + dense_f),
-            "lstm_share": lstm / (lstm + dense_f)}
+    projection = 2.0 * batch * steps * c * 4 * units
+    recurrent = 2.0 * batch * (steps - 1) * units * 4 * units
+    lstm_step = 0.0 if frozen_cached else 2.0 * projection + 3.0 * recurrent
+    total = lstm_step + 3.0 * dense_f
+    return {"lstm_fwd": projection + recurrent, "dense_fwd": dense_f, "lstm_step": lstm_step,
+            "dense_step": 3.0 * dense_f, "step_total": total, "lstm_share": lstm_step / total}
+
+
+VARIANTS = (("trainable", "fp32"), ("freeze_rnn", "fp32"), ("trainable", "bf16"), ("freeze_rnn", "bf16"))
+LABELS = {"trainable": "trainable LSTM", "freeze_rnn": "--freeze-rnn (cached LSTM outputs)"}
 
 
 def main() -> None:
@@ -104,6 +143,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--size", type=int, default=256, help="phantom image side (resized to the backbone's input)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--quick", action="store_true", help="smoke run: first backbone only, 3 steps, 1 seed step")
     parser.add_argument("--out", type=Path, default=RESULTS / "paper_protocol.json")
     args = parser.parse_args()
@@ -116,19 +156,24 @@ def main() -> None:
     from cxrnn.data.dataset import load_dataset
     from cxrnn.data.io import read_image
     from cxrnn.data.phantom import PhantomConfig, generate_phantom
+    from cxrnn.features.matrix import FeatureRows
     from cxrnn.features.store import FeatureStore
+    from cxrnn.inference.device import autocast, cpu_name, resolve_device
     from cxrnn.models.backbones import create_backbone
     from cxrnn.models.bundle import paper_head_options
     from cxrnn.models.heads import create_head
     from cxrnn.models.preprocess import to_input_tensor
     from cxrnn.training.config import PRESETS, TrainConfig
-    from cxrnn.training.loop import make_optimizer, rows_logits
+    from cxrnn.training.loop import EVAL_BATCH, FromRnnOutputs, make_optimizer, rnn_output_rows, rows_logits
 
-    print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}", flush=True)
-    flops_rate = measure_matmul_rate()
-    bandwidth = measure_bandwidth()
-    print(f"floors: fp32 matmul 2048^2 {flops_rate / 1e9:.1f} GFLOP/s, triad 256 MB {bandwidth / 1e9:.2f} GB/s",
-          flush=True)
+    device = resolve_device(args.device)
+    sync = synchronizer(device)
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    print(f"{machine}: threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}", flush=True)
+    rates = {"fp32": measure_matmul_rate(device), "bf16": measure_matmul_rate(device, torch.bfloat16)}
+    bandwidth = measure_bandwidth(device)
+    print(f"floors: matmul 2048^2 fp32 {rates['fp32'] / 1e9:.1f} GFLOP/s, bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s, "
+          f"triad 256 MB {bandwidth / 1e9:.2f} GB/s", flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="cxrnn-paper-protocol-"))
     probe = PhantomConfig(per_class=1, size=8, seed=0)
@@ -157,176 +202,234 @@ def main() -> None:
         return {"images": n, "test": n_test, "train_per_fold": train, "val_per_fold": val,
                 "steps_per_epoch": steps_epoch, "steps": args.folds * args.epochs * steps_epoch,
                 "eval_images": args.folds * (args.epochs * val + val + n_test),
-                "best_copies_max": args.folds * args.epochs}
+                "lstm_cache_images": args.folds * rest, "best_copies_max": args.folds * args.epochs}
+
+    def timed_steps(step, inputs: torch.Tensor, targets: torch.Tensor, n: int) -> list[float]:
+        for _ in range(2):
+            step(inputs, targets)
+        times = []
+        for _ in range(n):
+            sync()
+            t = time.perf_counter()
+            step(inputs, targets)
+            sync()
+            times.append(time.perf_counter() - t)
+        return times
 
     rows = []
     for name in backbones:
         print(f"\n== {name}", flush=True)
-        backbone = create_backbone(name, args.weights)
+        backbone = create_backbone(name, args.weights).to(device)
         spec = backbone.spec
         size = backbone.preprocessing.input_size
         with torch.inference_mode():  # warm-up at the extraction batch (oneDNN primitive creation), not timed
-            fmap = backbone(torch.zeros(8, 3, size, size))
+            fmap = backbone(torch.zeros(8, 3, size, size, device=device))
         c, h, w = fmap.shape[1:]
         assert c == spec.feature_channels, (c, spec.feature_channels)
 
         # 1. extraction: the real store, a few images at batch 8, after an untimed extraction of other images
         # (the store's engine is set up on first use: a one-off cost per run, not a per-image one)
-        store = FeatureStore(backbone, work / "cache")
+        store = FeatureStore(backbone, work / "cache", device=str(device))
         sub = paths[: args.extract_images]
         store.extract(paths[args.extract_images : 2 * args.extract_images], batch_size=8, warn=lambda m: None)
         t = time.perf_counter()
         store.extract(sub, batch_size=8, warn=lambda m: None)
         extract_per_image = (time.perf_counter() - t) / len(sub)
 
-        # 2. head step: the real head and optimizer, the fit_head inner step, random maps of the real shape
-        options = paper_head_options(spec, {}, freeze_rnn=False)
-        torch.manual_seed(0)
-        head = create_head("paper", c, h * w, classes, **options)
-        optimizer = make_optimizer(head.parameters(), cfg)
-        x = torch.randn(BATCH, c, h, w)
-        y = torch.from_numpy(np.arange(BATCH) % classes).long()
+        y = torch.from_numpy(np.arange(BATCH) % classes).long().to(device)
+        # one full evaluation batch: a smaller one would overstate the per-batch costs (e.g. autocast's weight casts)
+        rows_eval = np.random.default_rng(0).standard_normal((EVAL_BATCH, c, h, w)).astype(np.float32)
+        variants: dict[str, dict] = {}
+        for kind, precision in VARIANTS:
+            # 2. head step: the real head and optimizer, fit_head's inner step, random inputs of the real shape
+            frozen = kind == "freeze_rnn"
+            options = paper_head_options(spec, {}, freeze_rnn=frozen)
+            torch.manual_seed(0)
+            head = create_head("paper", c, h * w, classes, **options).to(device)
+            optimizer = make_optimizer(head.parameters(), cfg)
+            forward = head.from_rnn_outputs if frozen else head
+            inputs = (torch.randn(BATCH, h * w, options["lstm_units"], device=device).relu() if frozen
+                      else torch.randn(BATCH, c, h, w, device=device))
+            total_loss = torch.zeros((), device=device)
+            correct = torch.zeros((), dtype=torch.long, device=device)
 
-        def step(inputs: torch.Tensor, targets: torch.Tensor) -> None:
-            logits = head(inputs)
-            loss = loss_fn(logits.float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss.item()
+            def step(x: torch.Tensor, targets: torch.Tensor) -> None:
+                nonlocal total_loss, correct
+                with autocast(device, precision):
+                    logits = forward(x)
+                    loss = loss_fn(logits.float(), targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total_loss += loss.detach() * len(targets)
+                correct += (logits.detach().argmax(1) == targets).sum()
 
-        head.train()
-        for _ in range(2):
-            step(x, y)
-        times = []
-        for _ in range(args.steps):
+            lstm_calls: list[int] = []
+            hook = head.rnn.register_forward_hook(lambda m, i, o: lstm_calls.append(1))
+            head.train()
+            times = timed_steps(step, inputs, y, args.steps)
+            hook.remove()
+            step_s = float(np.median(times))
+            trainable = sum(p.numel() for p in head.parameters() if p.requires_grad)
+            dense_weights = sum(m.weight.numel() for m in [*head.dense.modules(), head.classifier]
+                                if isinstance(m, nn.Linear))
+            fl = head_flops(c, h * w, options["lstm_units"], list(options["dense"]), classes, frozen_cached=frozen)
+            bytes_moved = 4.0 * (6 * trainable + 2 * dense_weights)
+            compute_floor = fl["step_total"] / rates[precision]
+            memory_floor = bytes_moved / bandwidth
+
+            # 3. evaluation (validation / test): rows_logits at its batch 256, through the whole head; and,
+            # for --freeze-rnn, the LSTM-output cache and the per-epoch validation from it
+            rows_logits(head, rows_eval[:4], device=str(device), precision=precision)
+            sync()
             t = time.perf_counter()
-            step(x, y)
-            times.append(time.perf_counter() - t)
-        step_s = float(np.median(times))
+            rows_logits(head, rows_eval, device=str(device), precision=precision)
+            eval_per_image = (time.perf_counter() - t) / len(rows_eval)
+            cache_per_image = from_rnn_per_image = 0.0
+            if frozen:
+                t = time.perf_counter()
+                cached = rnn_output_rows(head, FeatureRows(rows_eval), work, f"{name}-lstm", device, precision)
+                cache_per_image = (time.perf_counter() - t) / len(rows_eval)
+                rows_logits(FromRnnOutputs(head), cached, device=str(device), precision=precision)
+                t = time.perf_counter()
+                rows_logits(FromRnnOutputs(head), cached, device=str(device), precision=precision)
+                from_rnn_per_image = (time.perf_counter() - t) / len(rows_eval)
+            variants[f"{kind}_{precision}"] = {
+                "head": kind, "label": LABELS[kind], "precision": precision,
+                "lstm_units": options["lstm_units"], "dense": list(options["dense"]),
+                "trainable_params": trainable, "dense_weights": dense_weights,
+                "head_step_s": step_s, "head_step_times_s": times, "lstm_forward_calls_in_steps": len(lstm_calls),
+                "eval_s_per_image": eval_per_image, "lstm_cache_s_per_image": cache_per_image,
+                "eval_from_lstm_outputs_s_per_image": from_rnn_per_image,
+                "floors": {"flops": fl, "bytes": bytes_moved, "matmul_flops_per_s": rates[precision],
+                           "compute_floor_s": compute_floor, "memory_floor_s": memory_floor,
+                           "floor_s": compute_floor + memory_floor,
+                           "step_over_floor": step_s / (compute_floor + memory_floor),
+                           "dominant": "memory" if memory_floor > compute_floor else "compute"},
+            }
+            print(f"{name} {LABELS[kind]}, {precision}: {trainable / 1e6:.0f} M trainable; step {step_s:.3f} s | "
+                  f"compute floor {compute_floor:.3f} s ({fl['step_total'] / 1e9:.1f} GFLOP, LSTM share "
+                  f"{fl['lstm_share']:.0%}, LSTM calls in steps {len(lstm_calls)}) + memory floor {memory_floor:.3f} s "
+                  f"({bytes_moved / 1e9:.2f} GB) -> {step_s / (compute_floor + memory_floor):.2f}x floor", flush=True)
+            if kind == "trainable" and precision == "fp32":
+                # 4. files: the kept model's weights, and fit_head's best-weights copy (the same for every variant)
+                t = time.perf_counter()
+                torch.save(head.state_dict(), work / f"{name}-head.pt")
+                save_s = time.perf_counter() - t
+                model_bytes = (work / f"{name}-head.pt").stat().st_size
+                (work / f"{name}-head.pt").unlink()
+                best = {k: v.detach().clone() for k, v in head.state_dict().items()}
+                t = time.perf_counter()
+                with torch.no_grad():
+                    for k, v in head.state_dict().items():
+                        best[k].copy_(v)
+                sync()
+                copy_s = time.perf_counter() - t
+                del best
+            if kind == "freeze_rnn" and precision == "fp32":
+                # 5. the seed's way: decode + backbone forward on every training batch, then the fp32 step of
+                # the seed's head (its frozen LSTM runs forward every step)
+                head.train()
+                forward = head
+                seed_times = []
+                for s in range(-1, args.seed_steps):  # s = -1: warm-up at batch 16, not timed
+                    idx = [(max(s, 0) * BATCH + i) % len(paths) for i in range(BATCH)]
+                    sync()
+                    t = time.perf_counter()
+                    xb = to_input_tensor([read_image(paths[i]) for i in idx], backbone.preprocessing).to(device)
+                    with torch.inference_mode():
+                        fm = backbone(xb)
+                    step(fm.clone(), torch.from_numpy(labels[idx]).long().to(device))
+                    sync()
+                    if s >= 0:
+                        seed_times.append(time.perf_counter() - t)
+                seed_step_s = float(np.median(seed_times))
+                seed_eval_per_image = eval_per_image
+            head = optimizer = forward = None  # freed before the next variant's head is built
 
-        trainable = sum(p.numel() for p in head.parameters() if p.requires_grad)
-        dense_weights = sum(m.weight.numel() for m in [*head.dense.modules(), head.classifier]
-                            if isinstance(m, nn.Linear))
-        fl = head_flops(c, h * w, options["lstm_units"], list(options["dense"]), classes)
-        bytes_moved = 4.0 * (6 * trainable + 2 * dense_weights)
-        compute_floor = fl["step_total"] / flops_rate
-        memory_floor = bytes_moved / bandwidth
-
-        # 3. evaluation pass (validation / test): rows_logits at its batch 256
-        rows_eval = np.random.default_rng(0).standard_normal((32, c, h, w)).astype(np.float32)
-        rows_logits(head, rows_eval[:4])
-        t = time.perf_counter()
-        rows_logits(head, rows_eval)
-        eval_per_image = (time.perf_counter() - t) / len(rows_eval)
-
-        # 4. files: the kept model's weights, and fit_head's best-weights copy
-        t = time.perf_counter()
-        torch.save(head.state_dict(), work / f"{name}-head.pt")
-        save_s = time.perf_counter() - t
-        model_bytes = (work / f"{name}-head.pt").stat().st_size
-        (work / f"{name}-head.pt").unlink()
-        best = {k: v.detach().clone() for k, v in head.state_dict().items()}
-        t = time.perf_counter()
-        with torch.no_grad():
-            for k, v in head.state_dict().items():
-                best[k].copy_(v)
-        copy_s = time.perf_counter() - t
-        del best
-
-        # 5. the seed's way: decode + backbone forward on every training batch, then the same head step
-        head.train()
-        seed_times = []
-        for s in range(-1, args.seed_steps):  # s = -1: warm-up at batch 16, not timed
-            idx = [(max(s, 0) * BATCH + i) % len(paths) for i in range(BATCH)]
-            t = time.perf_counter()
-            xb = to_input_tensor([read_image(paths[i]) for i in idx], backbone.preprocessing)
-            with torch.inference_mode():
-                fm = backbone(xb)
-            step(fm.clone(), torch.from_numpy(labels[idx]).long())
-            if s >= 0:
-                seed_times.append(time.perf_counter() - t)
-        seed_step_s = float(np.median(seed_times))
-        # the seed's validation pass also re-ran the backbone; its forward share is the extraction's
-        # per-image time (decode + forward; the .npy write is a slight overestimate)
-
-        def protocol(n: int) -> dict[str, float]:
+        def protocol(n: int, v: dict) -> dict[str, float]:
             k = counts(n)
+            frozen = v["head"] == "freeze_rnn"
+            per_epoch_eval = v["eval_from_lstm_outputs_s_per_image"] if frozen else v["eval_s_per_image"]
             stages = {"extraction_s": n * extract_per_image,
-                      "head_train_s": k["steps"] * step_s,
-                      "eval_s": k["eval_images"] * eval_per_image,
+                      "lstm_cache_s": k["lstm_cache_images"] * v["lstm_cache_s_per_image"],
+                      "head_train_s": k["steps"] * v["head_step_s"],
+                      "eval_s": (args.folds * args.epochs * k["val_per_fold"] * per_epoch_eval
+                                 + args.folds * (k["val_per_fold"] + k["test"]) * v["eval_s_per_image"]),
                       "files_s": save_s + k["best_copies_max"] * copy_s}
             stages["total_s"] = sum(stages.values())
             stages["total_h"] = stages["total_s"] / 3600
-            seed_epoch = k["steps_per_epoch"] * seed_step_s + k["val_per_fold"] * (extract_per_image + eval_per_image)
-            cached_epoch = k["steps_per_epoch"] * step_s + k["val_per_fold"] * eval_per_image
-            seed_total = (args.folds * args.epochs * seed_epoch
-                          + args.folds * (k["val_per_fold"] + k["test"]) * (extract_per_image + eval_per_image)
-                          + stages["files_s"])
-            return {**k, **stages, "seed_epoch_s": seed_epoch, "cached_epoch_s": cached_epoch,
-                    "seed_over_cached_epoch": seed_epoch / cached_epoch, "seed_total_h": seed_total / 3600,
-                    "seed_over_cached_total": seed_total / stages["total_s"]}
+            return {**k, **stages}
 
-        row = {
+        def seed_protocol(n: int) -> dict[str, float]:
+            # the seed's validation pass also re-ran the backbone; its forward share is the extraction's
+            # per-image time (decode + forward; the .npy write is a slight overestimate)
+            k = counts(n)
+            per_image = extract_per_image + seed_eval_per_image
+            epoch = k["steps_per_epoch"] * seed_step_s + k["val_per_fold"] * per_image
+            total = (args.folds * args.epochs * epoch + args.folds * (k["val_per_fold"] + k["test"]) * per_image
+                     + save_s + k["best_copies_max"] * copy_s)
+            return {**k, "epoch_s": epoch, "total_s": total, "total_h": total / 3600}
+
+        seed_at = {"N": seed_protocol(len(paths)), "6939": seed_protocol(PAPER_IMAGES)}
+        for v in variants.values():
+            v["protocol_at_N"] = protocol(len(paths), v)
+            v["protocol_at_6939"] = protocol(PAPER_IMAGES, v)
+            v["seed_over_this_total"] = seed_at["6939"]["total_s"] / v["protocol_at_6939"]["total_s"]
+        rows.append({
             "backbone": name, "input_size": size, "feature_map": [int(c), int(h), int(w)],
-            "head": {"lstm_units": options["lstm_units"], "dense": list(options["dense"]),
-                     "trainable_params": trainable, "dense_weights": dense_weights},
-            "measured": {
-                "extract_s_per_image": extract_per_image, "extract_images": len(sub),
-                "head_step_s": step_s, "head_step_times_s": times, "eval_s_per_image": eval_per_image,
-                "model_save_s": save_s, "model_bytes": model_bytes, "best_copy_s": copy_s,
-                "seed_step_s": seed_step_s, "seed_step_times_s": seed_times,
-            },
-            "floors": {"flops": fl, "bytes": bytes_moved, "compute_floor_s": compute_floor,
-                       "memory_floor_s": memory_floor, "floor_s": compute_floor + memory_floor,
-                       "step_over_floor": step_s / (compute_floor + memory_floor),
-                       "dominant": "memory" if memory_floor > compute_floor else "compute"},
-            "protocol_at_N": protocol(len(paths)),
-            "protocol_at_6939": protocol(PAPER_IMAGES),
-        }
-        rows.append(row)
-        f = row["floors"]
-        print(f"{name}: map {c}x{h}x{w}, {trainable / 1e6:.0f} M params; step {step_s:.3f} s | compute floor "
-              f"{compute_floor:.3f} s ({fl['step_total'] / 1e9:.1f} GFLOP) + memory floor {memory_floor:.3f} s "
-              f"({bytes_moved / 1e9:.2f} GB) -> {f['step_over_floor']:.2f}x floor; seed step {seed_step_s:.2f} s",
-              flush=True)
-        del head, optimizer, backbone, store
+            "measured": {"extract_s_per_image": extract_per_image, "extract_images": len(sub),
+                         "model_save_s": save_s, "model_bytes": model_bytes, "best_copy_s": copy_s,
+                         "seed_step_s": seed_step_s, "seed_step_times_s": seed_times},
+            "variants": variants,
+            "seed_way": {"at_N": seed_at["N"], "at_6939": seed_at["6939"]},
+        })
+        del backbone, store
 
     payload = {
         "note": ("Per-unit times are measured in this run; every protocol total (at N and at 6,939 images) is "
                  "extrapolated linearly from them: steps = folds x epochs x ceil(train per fold / 16), "
                  "extraction = one pass over all images, evaluation = validation every epoch + each fold's "
-                 "final validation and test pass. Nothing ran the 5 x 20 epochs."),
-        "machine": {"threads": torch.get_num_threads(), "load_average": os.getloadavg()[0],
-                    "matmul_flops_per_s": flops_rate, "triad_bytes_per_s": bandwidth},
+                 "final validation and test pass, LSTM cache (--freeze-rnn) = each fold's train + validation "
+                 "images once. Nothing ran the 5 x 20 epochs. The seed's way is measured in fp32 with the seed's "
+                 "head (frozen LSTM, run every step) and the backbone re-run on every batch."),
+        "machine": {"device": str(device), "name": machine, "threads": torch.get_num_threads(),
+                    "load_average": os.getloadavg()[0], "matmul_flops_per_s": rates,
+                    "triad_bytes_per_s": bandwidth},
         "protocol": {"folds": args.folds, "epochs": args.epochs, "batch": BATCH, "test_size": cfg.test_size,
-                     "optimizer": cfg.optimizer, "precision": "fp32", "weights": args.weights},
+                     "optimizer": cfg.optimizer, "weights": args.weights},
         "data": {"images": len(paths), "size": args.size, "classes": classes, "timed_steps": args.steps,
                  "seed_steps": args.seed_steps},
         "backbones": rows,
-        "total_6939_h": sum(r["protocol_at_6939"]["total_h"] for r in rows),
-        "seed_total_6939_h": sum(r["protocol_at_6939"]["seed_total_h"] for r in rows),
+        "total_6939_h": {key: sum(r["variants"][key]["protocol_at_6939"]["total_h"] for r in rows)
+                         for key in rows[0]["variants"]} if rows else {},
+        "seed_total_6939_h": sum(r["seed_way"]["at_6939"]["total_h"] for r in rows),
     }
     atomic_write_json(args.out, payload)
 
-    print(f"\nhead step (batch 16, fp32; measured) vs its floors (measured matmul {flops_rate / 1e9:.1f} GFLOP/s, "
-          f"triad {bandwidth / 1e9:.2f} GB/s)")
-    hdr = f"{'backbone':<20}{'params':>8}{'step s':>9}{'compute':>9}{'memory':>9}{'x floor':>9}{'dominant':>10}"
-    print(hdr)
+    print(f"\nhead step (batch 16; measured, median of {args.steps}) vs its floors (matmul fp32 "
+          f"{rates['fp32'] / 1e9:.1f}, bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s; triad {bandwidth / 1e9:.2f} GB/s)")
+    print(f"{'backbone':<20}{'head':<37}{'prec':<6}{'params':>7}{'step s':>8}{'compute':>9}{'memory':>8}"
+          f"{'x floor':>8}{'LSTM share':>11}")
     for r in rows:
-        f = r["floors"]
-        print(f"{r['backbone']:<20}{r['head']['trainable_params'] / 1e6:>7.0f}M{r['measured']['head_step_s']:>9.3f}"
-              f"{f['compute_floor_s']:>9.3f}{f['memory_floor_s']:>9.3f}{f['step_over_floor']:>9.2f}{f['dominant']:>10}")
+        for v in r["variants"].values():
+            f = v["floors"]
+            print(f"{r['backbone']:<20}{v['label']:<37}{v['precision']:<6}{v['trainable_params'] / 1e6:>6.0f}M"
+                  f"{v['head_step_s']:>8.3f}{f['compute_floor_s']:>9.3f}{f['memory_floor_s']:>8.3f}"
+                  f"{f['step_over_floor']:>8.2f}{f['flops']['lstm_share']:>10.0%}")
     print(f"\nwhole protocol EXTRAPOLATED linearly to {PAPER_IMAGES} images (hours; {args.folds} folds x {args.epochs} "
-          f"epochs, from per-unit times measured on {len(paths)} phantom images)")
-    print(f"{'backbone':<20}{'extract':>9}{'train':>9}{'eval':>9}{'files':>9}{'total':>9}{'seed way':>10}"
-          f"{'seed/cxrnn':>11}{'per epoch':>10}")
+          f"epochs, from per-unit times measured on {len(paths)} phantom images); seed's way = backbone every batch")
+    keys = list(rows[0]["variants"]) if rows else []
+    print(f"{'backbone':<20}{'seed way':>9}" + "".join(f"{k:>26}" for k in keys))
     for r in rows:
-        p = r["protocol_at_6939"]
-        print(f"{r['backbone']:<20}{p['extraction_s'] / 3600:>9.2f}{p['head_train_s'] / 3600:>9.2f}"
-              f"{p['eval_s'] / 3600:>9.2f}{p['files_s'] / 3600:>9.2f}{p['total_h']:>9.2f}{p['seed_total_h']:>10.2f}"
-              f"{p['seed_over_cached_total']:>10.2f}x{p['seed_over_cached_epoch']:>9.2f}x")
-    print(f"{'all four':<20}{'':>45}{payload['total_6939_h']:>9.2f}{payload['seed_total_6939_h']:>10.2f}")
+        cells = "".join(f"{v['protocol_at_6939']['total_h']:>14.2f} h ({v['seed_over_this_total']:>5.1f}x)"
+                        for v in r["variants"].values())
+        print(f"{r['backbone']:<20}{r['seed_way']['at_6939']['total_h']:>9.2f}{cells}")
+    if rows:
+        print(f"{'all four':<20}{payload['seed_total_6939_h']:>9.2f}"
+              + "".join(f"{payload['total_6939_h'][k]:>14.2f} h ({payload['seed_total_6939_h'] / payload['total_6939_h'][k]:>5.1f}x)"
+                        for k in keys))
+    print("(Nx: the seed's way over this one, whole protocol)")
     print(f"wrote {args.out}")
 
 

@@ -1,4 +1,5 @@
-"""Grad-CAM through the CNN->RNN: map geometry, hooks and memory, bad files, DICOM, ground truth on the phantom."""
+"""Maps through the CNN->RNN (the default method and Grad-CAM): map geometry, hooks and memory, bad files,
+DICOM, ground truth and faithfulness on the phantom."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from cxrnn.data.dataset import load_dataset
 from cxrnn.data.io import read_image, reference_radiograph
 from cxrnn.explain import CamExplainer, explain
 from cxrnn.explain.localisation import dilate, evaluate_explanations, score_map
+from cxrnn.explain.registry import DEFAULT_EVAL_METHODS, DEFAULT_METHOD
 from cxrnn.explain.overlay import OutputNamer, overlay_cam
 from cxrnn.models.bundle import load_bundle
 
@@ -40,7 +42,7 @@ def test_map_has_the_image_shape_and_values_in_unit_range(bundle):
         assert cam.shape == image.shape
         assert cam.dtype == np.float32
         assert cam.min() >= 0.0 and cam.max() <= 1.0
-        # Gradients reached the frozen backbone's layer: a zero gradient would give an all-zero map.
+        # Attributions reached the map: a zero gradient would give an all-zero map.
         assert cam.max() > 0.5
         assert probs.shape == (len(bundle.classes),) and abs(probs.sum() - 1) < 1e-5
         assert target == int(np.argmax(probs))
@@ -72,18 +74,22 @@ def test_target_class_and_bad_names(bundle):
         with pytest.raises(ValueError, match="unknown target class"):
             explainer.explain_arrays([image], target="no-such-class")
     with pytest.raises(ValueError, match="not a module"):
-        CamExplainer(bundle, layer="no.such.layer")
-    with pytest.raises(ValueError, match="unknown CAM method"):
+        CamExplainer(bundle, method="gradcam", layer="no.such.layer")
+    with pytest.raises(ValueError, match="applies to the CAM methods"):
+        CamExplainer(bundle, method="ig-sequence", layer="bn2")  # the sequence methods read the backbone's output
+    with pytest.raises(ValueError, match="unknown explanation method"):
         CamExplainer(bundle, method="magic")
 
 
-def test_hooks_released_and_model_restored(bundle):
+@pytest.mark.parametrize("method", ["gradcam", DEFAULT_METHOD])
+def test_hooks_released_and_model_restored(bundle, method):
     layer = bundle.net.backbone.target_layer()
     flags = [p.requires_grad for p in bundle.net.parameters()]
-    with CamExplainer(bundle) as explainer:
+    with CamExplainer(bundle, method=method) as explainer:
         explainer.explain_arrays([np.zeros((32, 32), dtype=np.float32)])
-        assert layer._forward_hooks
+        assert bool(layer._forward_hooks) == (method == "gradcam")  # the sequence methods need no hook
     assert not layer._forward_hooks
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in bundle.net.modules())
     assert [p.requires_grad for p in bundle.net.parameters()] == flags
     assert all(p.grad is None for p in bundle.net.parameters())
 
@@ -171,7 +177,11 @@ def test_pointing_game_scoring():
     lesion[40:50, 40:50] = True
     cam = np.zeros((100, 100), dtype=np.float32)
     cam[52, 45] = 1.0  # 3 px below the lesion: inside the 5%-of-width (5 px) tolerance
-    assert score_map(cam, lesion, None)["hit"]
+    near = score_map(cam, lesion, None)
+    assert near["hit"] and not near["hit_strict"]  # CheXlocalize's rule (no tolerance) calls it a miss
+    cam[:] = 0
+    cam[45, 45] = 1.0
+    assert score_map(cam, lesion, None)["hit_strict"] and score_map(cam, lesion, None)["chance_hit_strict"] == 0.01
     cam[:] = 0
     cam[60, 45] = 1.0  # 11 px away: a miss
     row = score_map(cam, lesion, np.ones_like(lesion))
@@ -205,29 +215,43 @@ def test_energy_shares_and_chance_levels_on_a_known_map():
 def test_explain_eval_on_the_phantom(trained_run, phantom_dir, tmp_path):
     out = tmp_path / "eval.json"
     result = CliRunner().invoke(app, ["explain-eval", str(trained_run.model_path), "--data", str(phantom_dir),
-                                      "--out", str(out)])
+                                      "--out", str(out), "--curve-steps", "2"])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    for key in ("hit_rate", "energy_in_lesion", "energy_in_lungs", "per_class", "n"):
-        assert key in report
+    assert list(report["methods"]) == list(DEFAULT_EVAL_METHODS)  # the default and Grad-CAM, side by side
+    table = (tmp_path / "eval.md").read_text()
     abnormal = [s for s in load_dataset(phantom_dir).samples if s.label != "normal"]
     assert report["n"] == len(abnormal)
-    assert set(report["per_class"]) == {"covid", "pneumonia"}
-    rows = report["images"]
-    assert len(rows) == report["n"] == sum(c["n"] for c in report["per_class"].values())
-    # the summary is the mean over images, and each class's over its own images
-    assert report["hit_rate"] == pytest.approx(np.mean([r["hit"] for r in rows]))
-    for key in ("energy_in_lesion", "energy_in_lungs", "chance_hit"):
-        summary_key = "chance_hit_rate" if key == "chance_hit" else key
-        assert report[summary_key] == pytest.approx(np.mean([r[key] for r in rows]))
-        for c, part in report["per_class"].items():
-            assert part[summary_key] == pytest.approx(np.mean([r[key] for r in rows if r["label"] == c]))
-    # The maps beat a flat map: more of their energy on the lesion than the lesion's share of the image.
-    assert report["energy_in_lesion"] > report["lesion_area_share"]
+    for name, summary in report["methods"].items():
+        assert f"| {name} | all | {len(abnormal)} |" in table and f"| {name} | all | {len(abnormal)} |" in result.output
+        assert set(summary["per_class"]) == {"covid", "pneumonia"}
+        rows = summary["images"]
+        assert len(rows) == summary["n"] == report["n"] == sum(c["n"] for c in summary["per_class"].values())
+        assert [r["path"] for r in rows] == [r["path"] for r in report["methods"][DEFAULT_EVAL_METHODS[0]]["images"]]
+        # the summary is the mean over images, and each class's over its own images
+        for key, summary_key in [("hit", "hit_rate"), ("hit_strict", "hit_rate_strict"), ("chance_hit", "chance_hit_rate"),
+                                 ("energy_in_lesion", "energy_in_lesion"), ("energy_in_lungs", "energy_in_lungs"),
+                                 ("deletion_auc", "deletion_auc"), ("insertion_auc", "insertion_auc")]:
+            assert summary[summary_key] == pytest.approx(np.mean([r[key] for r in rows]))
+            for c, part in summary["per_class"].items():
+                assert part[summary_key] == pytest.approx(np.mean([r[key] for r in rows if r["label"] == c]))
+        # A hit inside the lesion is a hit within 5% of it; each rate sits in its own bootstrap interval.
+        assert all(r["hit"] for r in rows if r["hit_strict"])
+        for key in ("hit_rate", "hit_rate_strict"):
+            ci = summary[key + "_ci"]
+            assert 0 <= ci["low"] <= summary[key] <= ci["high"] <= 1
+        assert 0 <= summary["deletion_auc"] <= 1 and 0 <= summary["insertion_auc"] <= 1
+        assert summary["seconds_per_image"] > 0
+        # The maps beat a flat map: more of their energy on the lesion than the lesion's share of the image.
+        assert summary["energy_in_lesion"] > summary["lesion_area_share"]
+    assert 0 <= report["random"]["deletion_auc"] <= 1 and "random order" in table
     # The model does read the lesions: erased, most cases are called normal (so a miss is the map's fault).
     # Measured on this small model: 0.98 called abnormal with the lesion, 0.22 without.
     removed = report["lesion_removed"]
     assert removed["abnormal_rate_with_lesion"] - removed["still_abnormal_rate"] > 0.6
+    bad = CliRunner().invoke(app, ["explain-eval", str(trained_run.model_path), "--data", str(phantom_dir),
+                                   "--methods", "gradcam,magic"])
+    assert bad.exit_code != 0 and "magic" in bad.output
 
 
 def test_single_lesion_maps_peak_near_the_lesion(bundle, phantom_dir):
@@ -240,7 +264,8 @@ def test_single_lesion_maps_peak_near_the_lesion(bundle, phantom_dir):
 
     dataset = load_dataset(phantom_dir, classes=bundle.classes)
     dataset.samples = [s for s in dataset.samples if s.label == "pneumonia"]
-    pneumonia = evaluate_explanations(bundle, dataset)["per_class"]["pneumonia"]
+    pneumonia = evaluate_explanations(bundle, dataset, methods="gradcam", curve_steps=0
+                                      )["methods"]["gradcam"]["per_class"]["pneumonia"]
     n = pneumonia["n"]
     hits = round(pneumonia["hit_rate"] * n)
     assert binom.sf(hits - 1, n, pneumonia["chance_hit_rate"]) < 0.01, (hits, n, pneumonia["chance_hit_rate"])

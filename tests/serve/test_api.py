@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from cxrnn.data.io import reference_radiograph
+from cxrnn.explain.registry import DEFAULT_METHOD
 from cxrnn.models.bundle import load_bundle
 from cxrnn.models.ood import OodStats
 from cxrnn.serve.app import create_app
@@ -149,7 +150,7 @@ def test_explain_returns_the_overlay(client, phantom_png):
     r = upload(client, phantom_png.read_bytes(), path="/v1/explain")
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["target"] == body["label"] == predicted["label"] and body["method"] == "gradcam"
+    assert body["target"] == body["label"] == predicted["label"] and body["method"] == DEFAULT_METHOD
     # The CAM pass's prediction is the engine's (batch composition only moves the last bits).
     for c, p in predicted["probabilities"].items():
         assert abs(body["probabilities"][c] - p) < 1e-5
@@ -170,12 +171,14 @@ def test_explain_returns_the_overlay(client, phantom_png):
 
 def test_explainer_is_kept_and_idle_between_requests(client, phantom_png):
     data = phantom_png.read_bytes()
-    assert upload(client, data, path="/v1/explain").status_code == 200
+    assert upload(client, data, path="/v1/explain", method="gradcam").status_code == 200  # the hooked kind
     service = client.app.state.service
     explainer = service.explainers["gradcam"]
     before = upload(client, data).json()["probabilities"]
+    assert upload(client, data, path="/v1/explain", method="gradcam").status_code == 200
     assert upload(client, data, path="/v1/explain").status_code == 200
     assert service.explainers["gradcam"] is explainer  # one explainer per method for the service's life
+    assert {"gradcam", DEFAULT_METHOD} <= set(service.explainers)
     after = [upload(client, data).json()["probabilities"] for _ in range(3)]
     assert all(a == before for a in after)  # its hooks change nothing in predictions
     assert explainer._cam.activations_and_grads.activations == []  # and record nothing between requests

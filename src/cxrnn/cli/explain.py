@@ -6,14 +6,18 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
-from rich.table import Table
 
-from cxrnn.cli.common import (ACCEPT_NON_CHEST_HELP, acquisition_policy, app, console, fail, fmt, in_range, out_console,
+from cxrnn.cli.common import (ACCEPT_NON_CHEST_HELP, acquisition_policy, app, console, fail, in_range, out_console,
                               output_folder, outside_paths, printable, progress_bars, verdict_marks, warn)
 from cxrnn.cli.options import config_help
+from cxrnn.explain.registry import CURVE_STEPS, DEFAULT_EVAL_METHODS, DEFAULT_METHOD
 from cxrnn.training.config import at_least, within
 
-METHOD_HELP = "gradcam (default), gradcam++, xgradcam, eigencam (class-agnostic) or scorecam (slow: one pass per channel)."
+METHOD_HELP = ("ig-sequence (default: integrated gradients on the feature-map sequence, one backbone pass), "
+               "occlusion (each feature-map step replaced by the training mean, one backbone pass), "
+               "gradcam, gradcam++, xgradcam, eigencam (class-agnostic), scorecam (slow: one pass per channel), "
+               "ig-pixels (integrated gradients on the pixels, slow) or pixel-occlusion (slow reference: one pass "
+               "per patch).")
 LAYER_HELP = "Backbone module for the map (dotted path in the timm model); default: the registry's layer."
 BATCH_SIZE = in_range(at_least(1))
 
@@ -29,7 +33,7 @@ def explain(
     model: Path = typer.Argument(..., help="model.pt of a run."),
     paths: List[Path] = typer.Argument(..., help="Image files or folders (PNG, JPEG, TIFF, DICOM...)."),
     out: Path = typer.Option(..., "--out", help="Folder for NAME_cam.png, NAME_panel.png, NAME_cam.npy."),
-    method: str = typer.Option("gradcam", help=METHOD_HELP),
+    method: str = typer.Option(DEFAULT_METHOD, help=METHOD_HELP),
     target: Optional[str] = typer.Option(None, help="Class to explain (default: the predicted class)."),
     layer: Optional[str] = typer.Option(None, help=LAYER_HELP),
     batch_size: int = typer.Option(8, callback=BATCH_SIZE),
@@ -37,7 +41,8 @@ def explain(
     colormap: str = typer.Option("jet", help="Any matplotlib colour map name."),
     accept_non_chest: bool = typer.Option(False, "--accept-non-chest", help=ACCEPT_NON_CHEST_HELP),
 ) -> None:
-    """Grad-CAM maps through the whole CNN->RNN, drawn on each X-ray at its own aspect."""
+    """Maps through the whole CNN->RNN (integrated gradients on the feature-map sequence by default, or
+    Grad-CAM and the others of --method), drawn on each X-ray at its own aspect."""
     from cxrnn.data.dataset import list_image_files
     from cxrnn.explain.cam import Explanation
     from cxrnn.explain.folder import explain_to_dir
@@ -74,16 +79,23 @@ def explain(
 def explain_eval(
     model: Path = typer.Argument(..., help="model.pt of a run."),
     data: Path = typer.Option(..., help="Phantom folder (or manifest CSV) with lesion 'mask' and 'lung_mask' columns."),
-    out: Optional[Path] = typer.Option(None, help="JSON file for the results (default: explain_eval.json next to the model)."),
-    method: str = typer.Option("gradcam", help=METHOD_HELP),
+    out: Optional[Path] = typer.Option(None, help="JSON file for the results (default: explain_eval.json next to the "
+                                                  "model); the table goes beside it as explain_eval.md."),
+    methods: Optional[str] = typer.Option(None, "--methods", "--method",
+                                          help="Comma-separated methods to compare on the same images, or 'all' "
+                                               f"(default: {','.join(DEFAULT_EVAL_METHODS)}). " + METHOD_HELP),
     layer: Optional[str] = typer.Option(None, help=LAYER_HELP),
     target: str = typer.Option("true", help="'true': explain each image's true class; 'predicted': the model's choice."),
     batch_size: int = typer.Option(8, callback=BATCH_SIZE),
+    curve_steps: int = typer.Option(CURVE_STEPS, help="Steps of the deletion / insertion curves (0: skip them; each "
+                                                      "step is a whole-network pass per image and method).",
+                                    callback=in_range(at_least(0))),
     allow_outside_paths: bool = typer.Option(False, "--allow-outside-paths", help=config_help("allow_outside_paths")),
 ) -> None:
-    """Check maps against known lesions: pointing-game hit rate and map energy in lesions / lungs."""
+    """Check maps against known lesions and against the model: pointing game (5% and zero tolerance, with 95%
+    intervals), energy in lesions, deletion / insertion AUC against a random order, seconds per image."""
     from cxrnn.data.dataset import load_dataset
-    from cxrnn.explain.localisation import evaluate_explanations, write_explain_eval
+    from cxrnn.explain.localisation import COMPARISON_COLUMNS, comparison_rows, evaluate_explanations, write_explain_eval
     from cxrnn.models.bundle import load_bundle
 
     if out is not None and out.is_dir():
@@ -93,28 +105,25 @@ def explain_eval(
         # loaded here rather than by evaluate_explanations, which has no say over outside paths
         dataset = load_dataset(data, classes=bundle.classes, **outside_paths(allow_outside_paths))
         with progress_bars() as bars:
-            result = evaluate_explanations(bundle, dataset, method=method, layer=layer, target=target,
-                                           batch_size=batch_size, progress=lambda d, t: bars("explain", d, t),
-                                           warn=warn)
+            result = evaluate_explanations(bundle, dataset, methods=methods, layer=layer, target=target,
+                                           batch_size=batch_size, curve_steps=curve_steps,
+                                           progress=lambda d, t: bars("explain", d, t), warn=warn)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     path = write_explain_eval(result, out or model.parent / "explain_eval.json")
-    table = Table(title=f"{method} at {result['layer']} on {data} (hit: map maximum within "
-                        f"{result['tolerance']:.0%} of the width of the lesion)")
-    for col in ("class", "n", "hit rate", "chance", "energy in lesion", "lesion area", "energy in lungs",
-                "lungs area", "correct"):
-        table.add_column(col)
-    for name, row in [*result["per_class"].items(), ("all", result)]:
-        table.add_row(name, str(row["n"]), fmt(row["hit_rate"]), fmt(row["chance_hit_rate"]),
-                      fmt(row["energy_in_lesion"]), fmt(row["lesion_area_share"]), fmt(row["energy_in_lungs"]),
-                      fmt(row["lungs_area_share"]), fmt(row["predicted_correctly"]))
-    out_console.print(table)
+    # The table as markdown: it stays one line per row in a narrow terminal or a pipe, and is the .md file's.
+    out_console.print(f"maps on {data}: hit = map maximum within {result['tolerance']:.0%} of the width of the lesion "
+                      "(5%) or inside it (0), 95% bootstrap intervals; deletion AUC lower / insertion AUC higher = "
+                      "more faithful to the model", highlight=False, soft_wrap=True)
+    out_console.print("| " + " | ".join(COMPARISON_COLUMNS) + " |", highlight=False, soft_wrap=True)
+    for row in comparison_rows(result):
+        out_console.print("| " + " | ".join(row) + " |", highlight=False, soft_wrap=True, markup=False)
     removed = result.get("lesion_removed")
     if removed:
         out_console.print(
             f"lesion removed: {removed['abnormal_rate_with_lesion']:.3f} of {removed['n_cases']} abnormal cases called "
             f"abnormal with their lesion, {removed['still_abnormal_rate']:.3f} without it (a model that uses the "
             "lesion drops to near 0; then a low hit rate is the map's failure, not a shortcut)", highlight=False)
-    out_console.print(f"wrote {path}")
+    out_console.print(f"wrote {path} and {path.with_suffix('.md').name}")
     if result["errors"]:
         console.print(f"{len(result['errors'])} file(s) could not be read", highlight=False)

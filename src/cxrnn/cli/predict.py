@@ -11,7 +11,9 @@ import typer
 from cxrnn.cli.common import (ACCEPT_NON_CHEST_HELP, acquisition_policy, app, console, fail, in_range, out_console,
                               output_folder, outside_paths, prediction_marks, print_metrics, printable, progress_bars, warn)
 from cxrnn.cli.options import config_help, config_range
+from cxrnn.cli.explain import METHOD_HELP
 from cxrnn.evaluation.bootstrap import DEFAULT_BOOTSTRAP
+from cxrnn.explain.registry import DEFAULT_METHOD
 from cxrnn.training.config import at_least
 
 BATCH_SIZE = in_range(at_least(1))
@@ -56,11 +58,12 @@ def predict(
     runtime: str = typer.Option("torch", help="torch or onnx (onnxruntime; the model is exported on the fly)."),
     device: str = typer.Option("cpu", help="cpu or cuda (torch runtime)."),
     precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast; torch runtime)."),
-    cam: Optional[Path] = typer.Option(None, "--cam", help="Also write Grad-CAM maps (overlay, panel, .npy) to this folder."),
+    cam: Optional[Path] = typer.Option(None, "--cam", help="Also write maps (overlay, panel, .npy) to this folder."),
+    method: str = typer.Option(DEFAULT_METHOD, help="Map method of --cam and --dicom-out: " + METHOD_HELP),
     accept_non_chest: bool = typer.Option(False, "--accept-non-chest", help=ACCEPT_NON_CHEST_HELP),
     dicom_out: Optional[Path] = typer.Option(
         None, "--dicom-out", help="Also write, per DICOM input, a Structured Report of the finding (NAME_sr.dcm) and a "
-                                  "Secondary Capture of the Grad-CAM panel (NAME_sc.dcm) to this folder."),
+                                  "Secondary Capture of the map panel (NAME_sc.dcm) to this folder."),
 ) -> None:
     """Classify images: the label and every class probability per image.
 
@@ -115,7 +118,7 @@ def predict(
 
         try:
             dicom_results_for_files(predictor, files, dicom_out, model_info(predictor.bundle, model),
-                                    on_result=show_with_dicom)
+                                    on_result=show_with_dicom, method=method)
         except (ValueError, OSError) as exc:
             fail(str(exc))
     elif cam is None:
@@ -126,7 +129,7 @@ def predict(
         from cxrnn.explain.folder import predict_and_explain_to_dir
 
         try:
-            index = predict_and_explain_to_dir(predictor, files, cam, on_prediction=show)
+            index = predict_and_explain_to_dir(predictor, files, cam, method=method, on_prediction=show)
         except (ValueError, FileNotFoundError) as exc:
             fail(str(exc))
     if index is not None:

@@ -1,7 +1,22 @@
-"""Explanations: Grad-CAM (and friends) through the whole CNN->RNN, drawn on the X-ray, checked on masks."""
+"""Explanations through the whole CNN->RNN: sequence occlusion and integrated gradients (Captum), Grad-CAM and
+friends (pytorch-grad-cam), drawn on the X-ray, checked against lesion masks and against the model.
 
-from cxrnn.explain.cam import (METHODS, CamExplainer, CamResult, Explanation, cam_pass_predicts, explain,
-                               predict_and_explain, resize_map)
+The names below are imported on first use, so reading ``cxrnn.explain.registry`` (the command line does)
+does not pull in torch.
+"""
 
-__all__ = ["METHODS", "CamExplainer", "CamResult", "Explanation", "cam_pass_predicts", "explain",
-           "predict_and_explain", "resize_map"]
+from typing import Any
+
+from cxrnn.explain.registry import DEFAULT_METHOD, METHODS
+
+_FROM_CAM = ("CamExplainer", "CamResult", "Explanation", "cam_pass_predicts", "explain", "predict_and_explain",
+             "resize_map")
+__all__ = ["DEFAULT_METHOD", "METHODS", *_FROM_CAM]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_CAM:
+        from cxrnn.explain import cam
+
+        return getattr(cam, name)
+    raise AttributeError(f"module 'cxrnn.explain' has no attribute {name!r}")

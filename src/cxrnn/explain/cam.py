@@ -13,7 +13,6 @@ the same numbers.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,8 @@ from torch import nn
 
 from cxrnn.data.dicom import AcquisitionPolicy
 from cxrnn.data.io import ImageReadError, read_image_checked
+from cxrnn.explain.attribution import create_attribution, cudnn_off_for_rnns
+from cxrnn.explain.registry import ATTRIBUTION_METHODS, CAM_METHODS, DEFAULT_METHOD, METHODS
 from cxrnn.models.bundle import ModelBundle, load_bundle
 from cxrnn.models.ood import MahalanobisScore, OodStats
 from cxrnn.models.preprocess import resize_to_input, to_input_tensor
@@ -78,14 +79,13 @@ def _cam_class(method: str) -> tuple[type, bool]:
         return EigenCAM, False
     if method == "scorecam":
         return _score_cam(), False
-    raise ValueError(f"unknown CAM method {method!r}: use one of {', '.join(METHODS)}")
+    raise ValueError(f"unknown explanation method {method!r}: use one of {', '.join(METHODS)}")
 
 
 # Methods that weigh each position by gradient x activation (HiResCAM, LayerCAM, element-wise Grad-CAM)
 # are left out on purpose: the recurrent heads start with a per-step LayerNorm, which makes the score
 # invariant to scaling a position's feature vector, so sum_c grad_c * act_c is exactly 0 at every
 # position (Euler's theorem) and those maps are noise around zero.
-METHODS = ("gradcam", "gradcam++", "xgradcam", "eigencam", "scorecam")
 
 
 @dataclass
@@ -219,32 +219,52 @@ class CamExplainer:
     explainer can stay open beside a predictor that shares the network (the HTTP service keeps one).
     """
 
-    def __init__(self, bundle: ModelBundle, method: str = "gradcam", layer: str | None = None, batch_size: int = 8):
+    def __init__(self, bundle: ModelBundle, method: str = DEFAULT_METHOD, layer: str | None = None, batch_size: int = 8,
+                 options: dict[str, Any] | None = None):
+        """``options``: keyword arguments of an attribution method (``cxrnn.explain.attribution``), e.g.
+        ``{"n_steps": 8}`` for the integrated gradients or ``{"window": 2}`` for sequence occlusion."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if method not in METHODS:
+            raise ValueError(f"unknown explanation method {method!r}: use one of {', '.join(METHODS)}")
         self.bundle = bundle
         self.method = method
         self.batch_size = batch_size
-        self.layer_name = layer or bundle.target_layer
-        try:
-            self.layer = bundle.net.backbone.target_layer(self.layer_name)
-        except AttributeError:
-            raise ValueError(
-                f"layer {self.layer_name!r} is not a module of backbone {bundle.backbone_name}; "
-                f"top-level modules: {', '.join(n for n, _ in bundle.net.backbone.model.named_children())}"
-            ) from None
-        cam_cls, self.uses_gradients = _cam_class(method)
+        self._ood_stats = OodStats.from_extras(bundle.extras)
+        self._attribution = None
+        self._cam = None
+        if method in ATTRIBUTION_METHODS:
+            # The sequence methods read the backbone's output; "layer" names what the map is of.
+            if layer is not None:
+                raise ValueError(f"--layer applies to the CAM methods ({', '.join(CAM_METHODS)}), not to {method}")
+            self.layer_name = "pixels" if method.startswith(("ig-pixels", "pixel-")) else "feature sequence"
+            mean = None if self._ood_stats is None else torch.from_numpy(np.asarray(self._ood_stats.mean, np.float32))
+            self._attribution = create_attribution(method, mean, bundle.preprocessing, **(options or {}))
+            self.uses_gradients = self._attribution.info.gradients
+        else:
+            if options:
+                raise ValueError(f"{method} takes no options")
+            self.layer_name = layer or bundle.target_layer
+            try:
+                self.layer = bundle.net.backbone.target_layer(self.layer_name)
+            except AttributeError:
+                raise ValueError(
+                    f"layer {self.layer_name!r} is not a module of backbone {bundle.backbone_name}; "
+                    f"top-level modules: {', '.join(n for n, _ in bundle.net.backbone.model.named_children())}"
+                ) from None
+            cam_cls, self.uses_gradients = _cam_class(method)
         bundle.net.eval()
         # Maps need gradients of activations only: parameter gradients would cost time and stay behind in
         # .grad, so every parameter is switched off while explaining and restored by close().
         self._saved_requires_grad = [(p, p.requires_grad) for p in bundle.net.parameters()]
         bundle.net.requires_grad_(False)
-        self._cam = cam_cls(model=bundle.net, target_layers=[self.layer])
-        self._ood_stats = OodStats.from_extras(bundle.extras)
         self._ood = MahalanobisScore(self._ood_stats, bundle.net.backbone.spec.feature_channels)
         self._temperature = torch.tensor(float(bundle.temperature))  # a tensor, as in the inference graph
         self._feature_map: torch.Tensor | None = None
-        self._handles = self._gate_hooks()
+        self._handles: list[Any] = []
+        if self._attribution is None:
+            self._cam = cam_cls(model=bundle.net, target_layers=[self.layer])
+            self._handles = self._gate_hooks()
 
     def _gate_hooks(self) -> list[Any]:
         """Re-register the library's recording hooks behind a switch, plus ours, all off until a call.
@@ -287,8 +307,9 @@ class CamExplainer:
 
     def close(self) -> None:
         """Remove every hook from the model (idempotent); the model then runs exactly as before."""
-        self._cam.activations_and_grads.release()
-        self._cam.outputs = None
+        if self._cam is not None:
+            self._cam.activations_and_grads.release()
+            self._cam.outputs = None
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -335,9 +356,34 @@ class CamExplainer:
         return [(r.cam, r.probabilities, r.target) for r in self.explain_images(images, target)]
 
     def _explain_batch(self, inputs: list[ExplainInput], targets: list[int | None]) -> list[CamResult]:
+        x = to_input_tensor([item.model_image for item in inputs], self.bundle.preprocessing)
+        if self._attribution is not None:
+            maps, fmap, targets = self._attribute(x, targets)
+        else:
+            maps, fmap, targets = self._library_cam(x, targets)
+        probs_np, scores_np = self._predict_from_feature_map(fmap)
+        # Maps come at the model's input size; only the kept copy is enlarged, within MAP_MAX_PIXELS.
+        return [CamResult(resize_map(m, map_shape(item.shape)), p, int(t), float(s))
+                for m, item, p, t, s in zip(maps, inputs, probs_np, targets, scores_np)]
+
+    def _attribute(self, x: torch.Tensor, targets: list[int | None]) -> tuple[np.ndarray, torch.Tensor, list[int]]:
+        """(maps, backbone feature map, explained classes) of a sequence or pixel attribution: one plain
+        backbone pass serves the prediction and the sequence methods alike."""
+        net = self.bundle.net
+        x = x.to(next(net.parameters()).device)
+        with torch.no_grad():
+            fmap = net.backbone(x)
+            if any(t is None for t in targets):
+                predicted = net.head(fmap).argmax(dim=1).tolist()
+                targets = [p if t is None else t for t, p in zip(targets, predicted)]
+        chosen = [int(t) for t in targets]  # type: ignore[arg-type]
+        maps = self._attribution.maps(net, x, fmap, chosen)  # type: ignore[union-attr]
+        return _float32_numpy(maps), fmap, chosen
+
+    def _library_cam(self, x: torch.Tensor, targets: list[int | None]) -> tuple[np.ndarray, torch.Tensor, list[int]]:
+        """(maps, backbone feature map, explained classes) of a pytorch-grad-cam method."""
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-        x = to_input_tensor([item.model_image for item in inputs], self.bundle.preprocessing)
         if all(t is None for t in targets):
             cam_targets = None  # pytorch-grad-cam explains the top class
         else:
@@ -350,7 +396,7 @@ class CamExplainer:
         self._feature_map = None
         recorder.recording = True
         try:
-            with self._rnn_backward_allowed():
+            with cudnn_off_for_rnns(self.bundle.net.head):
                 maps = self._cam(input_tensor=x, targets=cam_targets)
             explained_logits, fmap = self._cam.outputs.detach(), self._feature_map
         finally:
@@ -361,10 +407,7 @@ class CamExplainer:
             self._feature_map = None
         if cam_targets is None:
             targets = explained_logits.argmax(dim=1).tolist()
-        probs_np, scores_np = self._predict_from_feature_map(fmap)
-        # The library returns maps at the model's input size; only the kept copy is enlarged, within MAP_MAX_PIXELS.
-        return [CamResult(resize_map(m, map_shape(item.shape)), p, int(t), float(s))
-                for m, item, p, t, s in zip(maps, inputs, probs_np, targets, scores_np)]
+        return maps, fmap, [int(t) for t in targets]  # type: ignore[arg-type]
 
     def _predict_from_feature_map(self, fmap: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities, OOD scores) from the pass's backbone map, as the inference graph computes them.
@@ -379,11 +422,6 @@ class CamExplainer:
             probs = torch.softmax(logits / self._temperature.to(logits.device), dim=1)
             scores = self._ood.to(fmap.device)(fmap.mean(dim=(2, 3)))
         return _float32_numpy(probs), _float32_numpy(scores)
-
-    def _rnn_backward_allowed(self) -> contextlib.AbstractContextManager:
-        # cuDNN RNNs refuse backward in eval mode; the native kernels do not (CPU never uses cuDNN).
-        device = next(self.bundle.net.parameters()).device
-        return torch.backends.cudnn.flags(enabled=False) if device.type == "cuda" else contextlib.nullcontext()
 
     def to_explanation(self, path: str, image: np.ndarray | ExplainInput, result: CamResult) -> Explanation:
         item = self.explain_input(image)
@@ -503,7 +541,7 @@ def predict_and_explain_paths(
 def explain(
     model: str | Path | ModelBundle,
     paths: Iterable[str | Path],
-    method: str = "gradcam",
+    method: str = DEFAULT_METHOD,
     target: str | None = None,
     layer: str | None = None,
 ) -> list[Explanation]:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from cxrnn.data.dicom import AcquisitionPolicy
 from cxrnn.explain.cam import CamExplainer, Explanation, cam_pass_predicts, predict_and_explain_paths
 from cxrnn.explain.overlay import OutputNamer, write_explanation
+from cxrnn.explain.registry import DEFAULT_METHOD
 from cxrnn.models.bundle import ModelBundle
 from cxrnn.utils.atomic import atomic_write_text
 
@@ -60,7 +61,7 @@ def explain_to_dir(
     bundle: ModelBundle,
     paths: Iterable[str | Path],
     out_dir: str | Path,
-    method: str = "gradcam",
+    method: str = DEFAULT_METHOD,
     target: str | None = None,
     layer: str | None = None,
     batch_size: int = MAX_CAM_BATCH,
@@ -89,7 +90,7 @@ def predict_and_explain_to_dir(
     predictor: "Predictor",
     paths: Iterable[str | Path],
     out_dir: str | Path,
-    method: str = "gradcam",
+    method: str = DEFAULT_METHOD,
     target: str | None = None,
     layer: str | None = None,
     alpha: float = 0.4,

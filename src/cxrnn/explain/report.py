@@ -9,9 +9,10 @@ from typing import Iterable
 
 from cxrnn.utils.atomic import atomic_write_text
 from cxrnn.explain.folder import explain_to_dir
+from cxrnn.explain.registry import DEFAULT_METHOD
 from cxrnn.models.bundle import load_bundle
 
-SECTION_TITLE = "## Grad-CAM panels"
+SECTION_TITLE = "## Explanation panels"
 
 
 def held_out_images_per_class(run_dir: str | Path, per_class: int = 2) -> list[Path]:
@@ -26,7 +27,7 @@ def held_out_images_per_class(run_dir: str | Path, per_class: int = 2) -> list[P
 
 
 def add_panels_to_report(run_dir: str | Path, per_class: int = 2, extra_images: Iterable[str | Path] = (),
-                         method: str = "gradcam") -> list[str]:
+                         method: str = DEFAULT_METHOD) -> list[str]:
     """Write panels to RUN/panels/ and insert a section into RUN/report.md; returns the section's lines."""
     run_dir = Path(run_dir)
     bundle = load_bundle(run_dir / "model.pt")
@@ -35,7 +36,7 @@ def add_panels_to_report(run_dir: str | Path, per_class: int = 2, extra_images: 
     images = [*held_out_images_per_class(run_dir, per_class), *map(Path, extra_images)]
     index = explain_to_dir(bundle, images, run_dir / "panels", method=method)
     lines = [SECTION_TITLE, "",
-             f"{method} maps of the predicted class at backbone layer `{index['layer']}`, drawn on each image at its "
+             f"`{method}` maps of the predicted class (of `{index['layer']}`), drawn on each image at its "
              f"own size: {per_class} held-out test image(s) per class"
              + (" and the extra image(s)." if extra_images else "."), ""]
     for entry in index["images"]:

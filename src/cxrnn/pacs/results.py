@@ -210,7 +210,7 @@ def secondary_capture(source: "pydicom.Dataset", panel_rgb: np.ndarray, model: M
         sc.Laterality = laterality
     elif "BodyPartExamined" not in source:
         sc.Laterality = ""
-    sc.ImageComments = f"Grad-CAM panel of {model['name']}. {RESEARCH_USE}"[:10240]
+    sc.ImageComments = f"Explanation map panel of {model['name']}. {RESEARCH_USE}"[:10240]
     date, time = _now()
     sc.ContentDate, sc.ContentTime = date, time
     ref = _ref_item(source)
@@ -332,18 +332,22 @@ def read_finding(sr: "pydicom.Dataset") -> dict[str, Any]:
 
 
 def dicom_results_for_files(predictor: Any, paths: list[str | Path], out_dir: str | Path,
-                            model: Mapping[str, str], on_result: Any = None) -> list[dict[str, Any]]:
+                            model: Mapping[str, str], on_result: Any = None,
+                            method: str | None = None) -> list[dict[str, Any]]:
     """``cxrnn predict --dicom-out DIR``: per DICOM file its prediction and, when it is readable, NAME_sc.dcm
     and NAME_sr.dcm in ``out_dir``. Returns one dict per file: the prediction's dict plus "dicom" {sc, sr}
     (absent for an error or a non-DICOM file: an SR must reference a DICOM source).
-    ``on_result(prediction, files)`` is called per file as it is done."""
+    ``on_result(prediction, files)`` is called per file as it is done; ``method`` is the map's (default
+    ``cxrnn.explain.registry.DEFAULT_METHOD``)."""
     from cxrnn.data.io import sniff_format
     from cxrnn.explain.cam import CamExplainer, predict_and_explain_paths
     from cxrnn.explain.overlay import OutputNamer
 
     namer = OutputNamer()
     rows = []
-    with CamExplainer(predictor.bundle, batch_size=predictor.batch_size) as explainer:
+    from cxrnn.explain.registry import DEFAULT_METHOD
+
+    with CamExplainer(predictor.bundle, method=method or DEFAULT_METHOD, batch_size=predictor.batch_size) as explainer:
         for prediction, exp in predict_and_explain_paths(predictor, explainer, paths):
             row = prediction.to_dict()
             files: dict[str, str] = {}

@@ -40,6 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cxrnn.data.io import ImageReadError, header_size, sniff_format
+from cxrnn.explain.registry import DEFAULT_METHOD
 from cxrnn.models.bundle import load_bundle
 from cxrnn.inference.predictor import Prediction, Predictor
 from cxrnn.serve.batching import MicroBatcher, QueueFullError
@@ -54,7 +55,8 @@ log = logging.getLogger("cxrnn.serve")
 # exhaust memory once decoded to float32.
 DEFAULT_MAX_PIXELS = 36_000_000
 DISPLAY_SIDE = 512  # the page shows images and maps at most this wide; the model sees the full image
-SERVER_CAM_METHODS = ("gradcam", "gradcam++", "eigencam")  # scorecam needs ~C forward passes per image
+# One backbone pass each; scorecam (~C passes), ig-pixels and pixel-occlusion (tens to hundreds) are for the CLI.
+SERVER_CAM_METHODS = ("ig-sequence", "occlusion", "gradcam", "gradcam++", "xgradcam", "eigencam")
 MULTIPART_OVERHEAD = 64 * 1024
 
 
@@ -457,7 +459,7 @@ def create_app(
         request: Request,
         file: UploadFile = File(..., description="PNG, JPEG or DICOM chest X-ray"),
         target: Optional[str] = Form(None, description="class to explain (default: the predicted one)"),
-        method: str = Form("gradcam", description="gradcam, gradcam++ or eigencam"),
+        method: str = Form(DEFAULT_METHOD, description=", ".join(SERVER_CAM_METHODS)),
     ) -> dict[str, Any]:
         """The prediction plus a class activation map of the target class, as base64 PNGs."""
         started = request_started(request)

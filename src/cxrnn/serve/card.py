@@ -18,7 +18,7 @@ from cxrnn.models.ood import OodStats
 
 INTENDED_USE = (
     "Research and teaching: explore how a CNN->RNN network classifies frontal chest X-rays as "
-    "COVID-19, pneumonia or normal, and where it looks (Grad-CAM). Not a medical device; not for "
+    "COVID-19, pneumonia or normal, and where it looks (attribution maps). Not a medical device; not for "
     "diagnosis, triage or any clinical decision."
 )
 LIMITATIONS = [
@@ -27,7 +27,7 @@ LIMITATIONS = [
     "Test metrics come from a single held-out split of that data; small test sets give wide intervals.",
     "Inputs far from the training images are flagged by the out-of-distribution gate, but an unflagged "
     "input is not guaranteed to be in distribution, and a flagged one still gets a (meaningless) label.",
-    "Grad-CAM maps show which regions drove the score, not where disease is; they can highlight "
+    "Explanation maps show which regions drove the score, not where disease is; they can highlight "
     "text markers, borders or devices (shortcuts).",
     "Probabilities are softmax scores over the trained classes only: an image of any other condition is "
     "still forced into one of them.",

@@ -1,0 +1,160 @@
+"""The paper head's training step: the frozen-LSTM cache, the chunked RMSprop, the resident weight gradient."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cxrnn.models.heads import ReluLSTM, ResidentGradLinear, create_head
+from cxrnn.training.config import PRESETS, TrainConfig
+from cxrnn.training.loop import ChunkedRMSprop, fit_head, make_optimizer, rows_logits
+
+
+def _tiny_paper_head(seed: int, freeze_rnn: bool) -> nn.Module:
+    torch.manual_seed(seed)
+    return create_head("paper", 6, 4, 3, lstm_units=5, dense=[8], freeze_rnn=freeze_rnn)
+
+
+def _tiny_data():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((30, 6, 2, 2)).astype(np.float32)
+    y = np.arange(30) % 3
+    x[np.arange(30), y] += 2.0  # learnable: the class raises one channel
+    return x, y
+
+
+def test_cached_frozen_lstm_trains_the_same_head_without_running_the_lstm_per_step() -> None:
+    x, y = _tiny_data()
+    cfg = TrainConfig(**{**PRESETS["paper"], "epochs": 4, "batch_size": 4})
+    runs = {}
+    for cache in (True, False):
+        head = _tiny_paper_head(1, freeze_rnn=True)
+        calls = []
+        head.rnn.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+        fit = fit_head(head, x[:22], y[:22], x[22:], y[22:], cfg, seed=3, cache_frozen_rnn=cache)
+        runs[cache] = (fit, head, calls)
+    (cached, cached_head, cached_calls), (plain, plain_head, plain_calls) = runs[True], runs[False]
+    # with the cache the LSTM runs once per image (train and validation rows), never inside a step
+    assert cached_calls == [22, 8]
+    assert len(plain_calls) > 4 * 22 // 4
+    for a, b in zip(cached.history, plain.history):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    assert cached.best_epoch == plain.best_epoch
+    for k, v in cached_head.state_dict().items():
+        torch.testing.assert_close(v, plain_head.state_dict()[k], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rows_logits(cached_head, x), rows_logits(plain_head, x), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(cached_head.classifier.weight, _tiny_paper_head(1, freeze_rnn=True).classifier.weight)
+
+
+def test_a_trainable_lstm_is_not_cached() -> None:
+    x, y = _tiny_data()
+    head = _tiny_paper_head(1, freeze_rnn=False)
+    before = head.rnn.recurrent.weight.detach().clone()
+    fit_head(head, x[:22], y[:22], x[22:], y[22:], TrainConfig(**{**PRESETS["paper"], "epochs": 1, "batch_size": 4}),
+             seed=0)
+    assert not torch.equal(before, head.rnn.recurrent.weight)
+
+
+def _reference_relu_lstm(lstm: ReluLSTM, seq: torch.Tensor) -> torch.Tensor:
+    """The step-by-step textbook form (Keras LSTM(activation='relu'))."""
+    h = seq.new_zeros(seq.shape[0], lstm.hidden_size)
+    c = torch.zeros_like(h)
+    out = []
+    for t in range(seq.shape[1]):
+        i, f, g, o = (lstm.input_proj(seq[:, t]) + lstm.recurrent(h)).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.relu(g)
+        h = torch.sigmoid(o) * torch.relu(c)
+        out.append(h)
+    return torch.stack(out, dim=1)
+
+
+def test_relu_lstm_matches_the_step_by_step_form_forward_and_backward() -> None:
+    torch.manual_seed(0)
+    lstm = ReluLSTM(7, 5)
+    seq = torch.randn(3, 6, 7)
+    fast, slow = lstm(seq), _reference_relu_lstm(lstm, seq)
+    torch.testing.assert_close(fast, slow)
+    g_fast = torch.autograd.grad(fast.square().sum(), list(lstm.parameters()))
+    g_slow = torch.autograd.grad(slow.square().sum(), list(lstm.parameters()))
+    for a, b in zip(g_fast, g_slow):
+        torch.testing.assert_close(a, b)
+
+
+def test_chunked_rmsprop_is_pytorchs_rmsprop_bit_for_bit() -> None:
+    torch.manual_seed(0)
+    # larger than a chunk (uneven tail), small, and non-contiguous
+    params = [torch.randn(ChunkedRMSprop.CHUNK + 1234), torch.randn(30, 40), torch.randn(50, 60).t()]
+    ours = [p.clone().requires_grad_() for p in params]
+    theirs = [p.clone().requires_grad_() for p in params]
+    a = ChunkedRMSprop(ours, lr=1e-3, alpha=0.9, eps=1e-7, weight_decay=0.01)
+    b = torch.optim.RMSprop(theirs, lr=1e-3, alpha=0.9, eps=1e-7, weight_decay=0.01, foreach=False)
+    for _ in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
+    b.load_state_dict(a.state_dict())  # the same state: either optimizer resumes the other's
+
+
+def test_make_optimizer_uses_the_fast_implementations() -> None:
+    params = [nn.Parameter(torch.randn(4))]
+    assert isinstance(make_optimizer(params, TrainConfig(optimizer="rmsprop")), ChunkedRMSprop)
+    for name in ("adam", "adamw", "sgd"):
+        assert make_optimizer(params, TrainConfig(optimizer=name)).defaults["fused"] is True
+
+
+def test_resident_grad_linear_is_nn_linear_with_its_gradient_buffer_reused() -> None:
+    torch.manual_seed(0)
+    ours, theirs = ResidentGradLinear(12, 5), nn.Linear(12, 5)
+    theirs.load_state_dict(ours.state_dict())
+    assert list(ours.state_dict()) == ["weight", "bias"]
+    pointers = set()
+    for step in range(3):
+        x = torch.randn(4, 12, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_()
+        ours.zero_grad(set_to_none=True)
+        theirs.zero_grad(set_to_none=True)
+        for _ in range(2):  # two backwards accumulate
+            ours(x).square().sum().backward()
+            theirs(x2).square().sum().backward()
+        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+        torch.testing.assert_close(ours.bias.grad, theirs.bias.grad)
+        torch.testing.assert_close(x.grad, x2.grad)
+        pointers.add(ours.weight.grad.data_ptr())
+    assert len(pointers) == 1  # one buffer, not fresh memory every step
+    with torch.no_grad():
+        torch.testing.assert_close(ours(torch.ones(2, 12)), theirs(torch.ones(2, 12)))
+
+
+def test_resident_grad_linear_under_bf16_autocast_matches_autocast_linear() -> None:
+    torch.manual_seed(0)
+    ours, theirs = ResidentGradLinear(64, 32), nn.Linear(64, 32)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(16, 64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = ours(x), theirs(x2)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref)
+    out.float().square().sum().backward()
+    ref.float().square().sum().backward()
+    assert ours.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    # ours computes the weight gradient in fp32, autocast's in bf16: equal to bf16 precision
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_training_with_the_cached_lstm_matches_the_uncached_run() -> None:
+    x, y = _tiny_data()
+    cfg = TrainConfig(**{**PRESETS["paper"], "epochs": 2, "batch_size": 4, "precision": "bf16"})
+    fits = []
+    for cache in (True, False):
+        head = _tiny_paper_head(1, freeze_rnn=True)
+        fits.append(fit_head(head, x[:22], y[:22], x[22:], y[22:], cfg, seed=3, cache_frozen_rnn=cache))
+    for a, b in zip(*(f.history for f in fits)):
+        assert np.isfinite(a["train_loss"]) and a["train_loss"] == pytest.approx(b["train_loss"], rel=2e-2)
