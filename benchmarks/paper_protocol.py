@@ -21,7 +21,7 @@ What is MEASURED in this run (per unit, on this machine, now):
 - extraction: ``FeatureStore.extract`` (decode, hash, backbone forward, .npy write) on a few phantom
   images per backbone at batch 8, per image;
 - head training step: the real paper head (``create_head`` with ``paper_head_options``) + the real
-  optimizer (``make_optimizer`` with the paper preset: RMSprop), the same inner step as ``fit_head``
+  optimizer (``make_optimizer`` with the paper preset: RMSprop), the inner step of ``fit_head`` (``train_step``)
   (forward, cross-entropy, zero_grad, backward, step, loss and accuracy summed on the device) on random
   inputs of the real shape (feature maps, or LSTM outputs for ``--freeze-rnn``), batch 16, ``--steps``
   steps after 2 warm-up steps, median;
@@ -158,13 +158,14 @@ def main() -> None:
     from cxrnn.data.phantom import PhantomConfig, generate_phantom
     from cxrnn.features.matrix import FeatureRows
     from cxrnn.features.store import FeatureStore
-    from cxrnn.inference.device import autocast, cpu_name, resolve_device
+    from cxrnn.inference.device import cpu_name, resolve_device
     from cxrnn.models.backbones import create_backbone
     from cxrnn.models.bundle import paper_head_options
     from cxrnn.models.heads import create_head
     from cxrnn.models.preprocess import to_input_tensor
     from cxrnn.training.config import PRESETS, TrainConfig
-    from cxrnn.training.loop import EVAL_BATCH, FromRnnOutputs, make_optimizer, rnn_output_rows, rows_logits
+    from cxrnn.training.loop import (EVAL_BATCH, FromRnnOutputs, make_optimizer, rnn_output_rows, rows_logits,
+                                     train_step)
 
     device = resolve_device(args.device)
     sync = synchronizer(device)
@@ -255,14 +256,9 @@ def main() -> None:
 
             def step(x: torch.Tensor, targets: torch.Tensor) -> None:
                 nonlocal total_loss, correct
-                with autocast(device, precision):
-                    logits = forward(x)
-                    loss = loss_fn(logits.float(), targets)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total_loss += loss.detach() * len(targets)
-                correct += (logits.detach().argmax(1) == targets).sum()
+                loss, logits = train_step(forward, x, targets, optimizer, loss_fn, device, precision)
+                total_loss += loss * len(targets)
+                correct += (logits.argmax(1) == targets).sum()
 
             lstm_calls: list[int] = []
             hook = head.rnn.register_forward_hook(lambda m, i, o: lstm_calls.append(1))

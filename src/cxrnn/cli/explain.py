@@ -95,7 +95,7 @@ def explain_eval(
     """Check maps against known lesions and against the model: pointing game (5% and zero tolerance, with 95%
     intervals), energy in lesions, deletion / insertion AUC against a random order, seconds per image."""
     from cxrnn.data.dataset import load_dataset
-    from cxrnn.explain.localisation import COMPARISON_COLUMNS, comparison_rows, evaluate_explanations, write_explain_eval
+    from cxrnn.explain.localisation import comparison_table, evaluate_explanations, write_explain_eval
     from cxrnn.models.bundle import load_bundle
 
     if out is not None and out.is_dir():
@@ -115,9 +115,8 @@ def explain_eval(
     out_console.print(f"maps on {data}: hit = map maximum within {result['tolerance']:.0%} of the width of the lesion "
                       "(5%) or inside it (0), 95% bootstrap intervals; deletion AUC lower / insertion AUC higher = "
                       "more faithful to the model", highlight=False, soft_wrap=True)
-    out_console.print("| " + " | ".join(COMPARISON_COLUMNS) + " |", highlight=False, soft_wrap=True)
-    for row in comparison_rows(result):
-        out_console.print("| " + " | ".join(row) + " |", highlight=False, soft_wrap=True, markup=False)
+    for line in comparison_table(result):
+        out_console.print(line, highlight=False, soft_wrap=True, markup=False)
     removed = result.get("lesion_removed")
     if removed:
         out_console.print(

@@ -310,6 +310,12 @@ def comparison_rows(result: dict[str, Any]) -> list[list[str]]:
     return out
 
 
+def comparison_table(result: dict[str, Any]) -> list[str]:
+    """The comparison as markdown table lines (header, rule, rows): explain_eval.md's and the CLI's."""
+    return ["| " + " | ".join(cells) + " |"
+            for cells in (COMPARISON_COLUMNS, ["---"] * len(COMPARISON_COLUMNS), *comparison_rows(result))]
+
+
 def comparison_markdown(result: dict[str, Any]) -> str:
     """``explain_eval.md``: the comparison table, what its columns mean, and the lesion-removed check."""
     lines = [f"# Explanation check on {result['data']}", "",
@@ -318,8 +324,7 @@ def comparison_markdown(result: dict[str, Any]) -> str:
              "rule); 95% bootstrap intervals over the images. Deletion / insertion AUC: the class probability as "
              f"pixels are removed / revealed in the map's order over {result['curve_steps']} steps (lower / higher "
              "is more faithful to the model; the random order is the reference).", "",
-             "| " + " | ".join(COMPARISON_COLUMNS) + " |", "|" + "---|" * len(COMPARISON_COLUMNS)]
-    lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(result)]
+             *comparison_table(result)]
     removed = result.get("lesion_removed")
     if removed:
         lines += ["", f"Lesion removed: {removed['abnormal_rate_with_lesion']:.3f} of {removed['n_cases']} abnormal "

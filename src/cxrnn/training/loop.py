@@ -128,6 +128,19 @@ class ChunkedRMSprop(torch.optim.RMSprop):
         return self._scratch[: like.numel()].view_as(like)
 
 
+def train_step(model: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer,
+               loss_fn: nn.Module, device: torch.device | str, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch; returns the detached (loss, logits), left on the device so callers can
+    sum them without a host sync per step (``benchmarks/paper_protocol.py`` times this very function)."""
+    with autocast(device, precision):
+        logits = model(inputs)
+        loss = loss_fn(logits.float(), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
+
+
 def lr_at(epoch: int, cfg: TrainConfig) -> float:
     """Learning rate of a 0-based epoch; 'exponential' is the seed's lr * decay**epoch."""
     if cfg.lr_schedule == "exponential":
@@ -242,14 +255,10 @@ def _fit(head: nn.Module, model: nn.Module, xt: FeatureRows, y_train: np.ndarray
             if len(idx) < 2 and has_batch_norm:
                 continue  # BatchNorm cannot train on a batch of one
             targets = yt[idx]
-            with autocast(device, precision):
-                logits = model(torch.from_numpy(xt[idx.numpy()]).to(device))
-                loss = loss_fn(logits.float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.detach() * len(idx)
-            correct += (logits.detach().argmax(1) == targets).sum()
+            loss, logits = train_step(model, torch.from_numpy(xt[idx.numpy()]).to(device), targets, optimizer,
+                                      loss_fn, device, precision)
+            total_loss += loss * len(idx)
+            correct += (logits.argmax(1) == targets).sum()
             seen += len(idx)
         row = {
             "epoch": epoch + 1,
