@@ -10,7 +10,8 @@ from torch import nn
 
 from cxrnn.explain import CamExplainer
 from cxrnn.explain.attribution import (PixelIntegratedGradients, PixelOcclusion, SequenceIntegratedGradients,
-                                       SequenceOcclusion, cudnn_off_for_rnns, gaussian_blur, normalise_maps)
+                                       SequenceOcclusion, cudnn_off_for_rnns, gaussian_blur, normalise_maps,
+                                       subcell_offsets, translate)
 from cxrnn.explain.faithfulness import DeletionInsertion, auc, pixel_order
 from cxrnn.explain.registry import CAM_METHODS, METHODS
 from cxrnn.models.backbones import create_backbone
@@ -216,3 +217,46 @@ def test_deletion_of_the_read_pixels_beats_a_random_order(tiny):
     assert faithful["insertion_auc"] > random["insertion_auc"] + 0.2
     full = curves.curves(x, good, 0)
     assert full["deletion"].shape == (9,) and full["deletion"][0] == pytest.approx(full["insertion"][-1], abs=1e-6)
+
+
+def test_subcell_offsets_and_translate():
+    assert subcell_offsets(224, (7, 7), 1) == [(0, 0)]
+    assert subcell_offsets(224, (7, 7), 3) == [(a, b) for a in (-11, 0, 11) for b in (-11, 0, 11)]
+    x = torch.arange(2 * 1 * 6 * 5, dtype=torch.float32).view(2, 1, 6, 5)
+    moved = translate(x, 2, -1)
+    assert torch.equal(moved[:, :, 2:, :4], x[:, :, :4, 1:])  # content moved down 2, left 1
+    assert torch.equal(moved[:, :, 0], moved[:, :, 2])  # the uncovered top rows repeat the edge
+
+
+class PoolingNet(nn.Module):
+    """A translation-equivariant 'backbone' (10 x 10 average pooling, 4 channels) and a head whose class 0
+    is the brightest step: a sub-cell shift of the image moves which step that is."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.AvgPool2d(10), nn.Conv2d(3, 4, 1, bias=False))
+        nn.init.constant_(self.backbone[1].weight, 1.0)
+        self.head = nn.Sequential(nn.Flatten(2), PeakStep())
+
+
+class PeakStep(nn.Module):
+    def forward(self, steps: torch.Tensor) -> torch.Tensor:
+        score = torch.logsumexp(8 * steps.sum(dim=1), dim=1)
+        return torch.stack([score, torch.zeros_like(score), torch.zeros_like(score)], dim=1)
+
+
+def test_shifted_integrated_gradients_keep_the_peak_on_the_spot():
+    x = torch.zeros(1, 3, 70, 70)
+    x[:, :, 16:24, 36:44] = 1.0  # a spot centred on (20, 40): the corner of four 10 x 10 cells
+    net = PoolingNet()
+    fmap = net.backbone(x)
+    plain = SequenceIntegratedGradients(torch.zeros(4), n_steps=8)
+    shifted = SequenceIntegratedGradients(torch.zeros(4), n_steps=8, shifts=3)
+    assert torch.equal(plain.maps(net, x, fmap, [0]), SequenceIntegratedGradients(torch.zeros(4), n_steps=8,
+                                                                                   shifts=1).maps(net, x, fmap, [0]))
+    m = shifted.maps(net, x, fmap, [0])[0]
+    assert m.shape == (70, 70) and float(m.max()) == pytest.approx(1.0)
+    peak = np.unravel_index(int(m.argmax()), m.shape)
+    assert abs(peak[0] - 20) <= 5 and abs(peak[1] - 40) <= 5, peak
+    with pytest.raises(ValueError, match="shifts"):
+        SequenceIntegratedGradients(None, shifts=0)

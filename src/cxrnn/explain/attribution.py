@@ -144,22 +144,61 @@ class SequenceOcclusion(Attribution):
 
 
 class SequenceIntegratedGradients(Attribution):
-    """Integrated gradients on the feature map from the baseline sequence, summed over each step's channels."""
+    """Integrated gradients on the feature map from the baseline sequence, summed over each step's channels.
+
+    ``shifts`` N > 1 averages the maps of N x N copies of the image translated by fractions of one
+    feature-map cell (each translated back before averaging): the H x W grid then samples the image at N
+    times its own resolution, at the cost of one backbone pass per extra copy. On the demo model and two
+    unseen phantoms (seeds 99 and 7, 80 abnormal images each) 3 x 3 shifts raised the 5% pointing-game hit
+    rate from 0.738 / 0.863 to 0.800 / 0.875 (README, explanations)."""
 
     info = ATTRIBUTION_METHODS["ig-sequence"]
 
-    def __init__(self, baseline: torch.Tensor | None, n_steps: int = 32):
+    def __init__(self, baseline: torch.Tensor | None, n_steps: int = 32, shifts: int = 1):
+        if shifts < 1:
+            raise ValueError("shifts must be at least 1 (1: the image as it is)")
         self.baseline = baseline
         self.n_steps = n_steps
+        self.shifts = shifts
 
-    def maps(self, net: CxrNet, x: torch.Tensor, fmap: torch.Tensor, targets: list[int]) -> torch.Tensor:
+    def _grid(self, net: CxrNet, fmap: torch.Tensor, targets: list[int]) -> torch.Tensor:
         from captum.attr import IntegratedGradients
 
         ig = IntegratedGradients(log_probability(net.head))
         with torch.enable_grad(), cudnn_off_for_rnns(net):
             attr = ig.attribute(fmap.detach(), baselines=feature_baseline(self.baseline, fmap), target=targets,
                                 n_steps=self.n_steps, internal_batch_size=max(len(targets), 4 * self.n_steps))
-        return normalise_maps(grid_to_input(attr.detach().sum(dim=1), x.shape[-1]))
+        return attr.detach().sum(dim=1)
+
+    def maps(self, net: CxrNet, x: torch.Tensor, fmap: torch.Tensor, targets: list[int]) -> torch.Tensor:
+        size = x.shape[-1]
+        if self.shifts == 1:
+            return normalise_maps(grid_to_input(self._grid(net, fmap, targets), size))
+        total = torch.zeros(x.shape[0], *x.shape[-2:], device=x.device)
+        for dy, dx in subcell_offsets(size, fmap.shape[-2:], self.shifts):
+            if (dy, dx) == (0, 0):
+                shifted_fmap = fmap
+            else:
+                with torch.no_grad():
+                    shifted_fmap = net.backbone(translate(x, dy, dx))
+            total += translate(grid_to_input(self._grid(net, shifted_fmap, targets), size)[:, None], -dy, -dx)[:, 0]
+        return normalise_maps(total)
+
+
+def subcell_offsets(size: int, grid: tuple[int, int], shifts: int) -> list[tuple[int, int]]:
+    """``shifts`` x ``shifts`` pixel offsets (dy, dx) spread evenly over one feature-map cell, centred on 0."""
+    cell_y, cell_x = size / grid[0], size / grid[1]
+    fractions = [(k + 0.5) / shifts - 0.5 for k in range(shifts)]
+    return [(int(round(fy * cell_y)), int(round(fx * cell_x))) for fy in fractions for fx in fractions]
+
+
+def translate(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """(B, C, H, W) moved by (dy, dx) pixels (down, right), the uncovered border filled by its edge pixels."""
+    pad = max(abs(dy), abs(dx))
+    if pad == 0:
+        return x
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    return padded[:, :, pad - dy : pad - dy + x.shape[2], pad - dx : pad - dx + x.shape[3]]
 
 
 def black_input(x: torch.Tensor, preprocessing: Any) -> torch.Tensor:
