@@ -245,18 +245,24 @@ class PeakStep(nn.Module):
         return torch.stack([score, torch.zeros_like(score), torch.zeros_like(score)], dim=1)
 
 
-def test_shifted_integrated_gradients_keep_the_peak_on_the_spot():
+@pytest.mark.parametrize("centre", [(22, 42), (18, 33), (31, 47), (27, 22)])
+def test_shifted_integrated_gradients_find_a_spot_finer_than_the_grid(centre):
+    cy, cx = centre  # a spot off the centres of the 10 x 10 cells
     x = torch.zeros(1, 3, 70, 70)
-    x[:, :, 16:24, 36:44] = 1.0  # a spot centred on (20, 40): the corner of four 10 x 10 cells
+    x[:, :, cy - 4 : cy + 4, cx - 4 : cx + 4] = 1.0
     net = PoolingNet()
     fmap = net.backbone(x)
-    plain = SequenceIntegratedGradients(torch.zeros(4), n_steps=8)
-    shifted = SequenceIntegratedGradients(torch.zeros(4), n_steps=8, shifts=3)
-    assert torch.equal(plain.maps(net, x, fmap, [0]), SequenceIntegratedGradients(torch.zeros(4), n_steps=8,
-                                                                                   shifts=1).maps(net, x, fmap, [0]))
-    m = shifted.maps(net, x, fmap, [0])[0]
-    assert m.shape == (70, 70) and float(m.max()) == pytest.approx(1.0)
-    peak = np.unravel_index(int(m.argmax()), m.shape)
-    assert abs(peak[0] - 20) <= 5 and abs(peak[1] - 40) <= 5, peak
+
+    def peak_error(shifts: int) -> float:
+        m = SequenceIntegratedGradients(torch.zeros(4), n_steps=8, shifts=shifts).maps(net, x, fmap, [0])[0]
+        assert m.shape == (70, 70) and float(m.max()) == pytest.approx(1.0)
+        py, px = np.unravel_index(int(m.argmax()), m.shape)
+        return float(np.hypot(py + 0.5 - cy, px + 0.5 - cx))  # from the pixel's centre to the spot's
+
+    plain, shifted = peak_error(1), peak_error(3)
+    assert shifted <= 1.0 < 2.5 <= plain, (plain, shifted)
+
+
+def test_shifts_must_be_positive():
     with pytest.raises(ValueError, match="shifts"):
         SequenceIntegratedGradients(None, shifts=0)

@@ -172,8 +172,6 @@ class SequenceIntegratedGradients(Attribution):
 
     def maps(self, net: CxrNet, x: torch.Tensor, fmap: torch.Tensor, targets: list[int]) -> torch.Tensor:
         size = x.shape[-1]
-        if self.shifts == 1:
-            return normalise_maps(grid_to_input(self._grid(net, fmap, targets), size))
         total = torch.zeros(x.shape[0], *x.shape[-2:], device=x.device)
         for dy, dx in subcell_offsets(size, fmap.shape[-2:], self.shifts):
             if (dy, dx) == (0, 0):
