@@ -58,8 +58,8 @@ def captured(monkeypatch):
 
 
 # A value other than the default for every option, so each one is seen to reach the config.
-GIVEN = dict(data="d", backbone="vgg19", head="gru", weights="none", out="o", seed=3, test_size=0.3, val_size=0.2,
-             folds=3, group_by="patient_id", optimizer="sgd", lr=0.01, lr_schedule="constant", lr_decay=0.5,
+GIVEN = dict(data="d", backbone="vgg19", head="gru", weights="none", input_size=320, out="o", seed=3, test_size=0.3,
+             val_size=0.2, folds=3, group_by="patient_id", optimizer="sgd", lr=0.01, lr_schedule="constant", lr_decay=0.5,
              weight_decay=0.001, epochs=2, batch_size=4, patience=1, finetune=True, freeze_rnn=True,
              backbone_lr_scale=0.5, rotation=5.0, preset="paper", cache_dir="c", feature_dtype="float16",
              extract_batch_size=4, extract_runtime="torch", strict=True, device="cuda", bootstrap=10, coverage=0.8, dedup=False,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
 import numpy as np
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -129,3 +131,29 @@ def test_finetuning_the_pretrained_backbone_learns(phantom_dir, tmp_path) -> Non
     # chance is 1/3 and 0.5; the collapsed run scored accuracy 0.333 and AUC 0.55, this one 0.625 and 0.88
     assert result.metrics["accuracy"] >= 0.5 and result.metrics["macro_auc"] >= 0.75
     assert load_bundle(result.model_path).weights_id.startswith("finetuned:")
+
+
+def test_input_size_travels_with_the_model_and_refines_the_sequence(phantom_dir, tmp_path) -> None:
+    """--input-size 96 trains on a 3x3 sequence, the bundle keeps 96, and prediction resizes to it."""
+    cfg = TrainConfig(data=str(phantom_dir), backbone="efficientnet_lite0", head="bilstm", weights="imagenet",
+                      input_size=96, out=str(tmp_path / "run"), epochs=2, cache_dir=str(tmp_path / "cache"))
+    result = train(cfg)
+    bundle = load_bundle(result.model_path)
+    assert bundle.preprocessing.input_size == 96
+    assert tuple(bundle.feature_hw) == (3, 3)
+    from cxrnn.inference.predictor import Predictor
+
+    image = sorted((phantom_dir / "covid").glob("*.png"))[0]
+    prediction = Predictor.from_file(result.model_path).predict_paths([image])[0]
+    assert abs(sum(prediction.probabilities.values()) - 1) < 1e-5
+    # a second size is a second cache entry, never a reuse of the 96 px maps
+    again = train(dataclasses.replace(cfg, input_size=128, out=str(tmp_path / "run128")))
+    assert again.cache["computed"] == 3 * PHANTOM_PER_CLASS
+    assert tuple(load_bundle(again.model_path).feature_hw) == (4, 4)
+
+
+def test_input_size_below_32_is_refused() -> None:
+    from cxrnn.models.backbones import create_backbone
+
+    with pytest.raises(ValueError, match="input_size"):
+        create_backbone("efficientnet_lite0", "none", input_size=16)

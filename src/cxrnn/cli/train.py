@@ -47,6 +47,8 @@ def extract(
                                 callback=config_range("workers")),
     image_cache: Optional[str] = typer.Option(None, help="Folder caching decoded images at the input size."),
     seed: int = typer.Option(config_default("seed"), help="Seed of --weights none.", callback=config_range("seed")),
+    input_size: int = typer.Option(config_default("input_size"), help=config_help("input_size"),
+                                   callback=config_range("input_size")),
     strict: bool = typer.Option(config_default("strict"), "--strict", help=config_help("strict")),
     allow_outside_paths: bool = typer.Option(config_default("allow_outside_paths"), "--allow-outside-paths",
                                              help=config_help("allow_outside_paths")),
@@ -62,9 +64,9 @@ def extract(
 
     try:
         dataset = load_dataset(data, **outside_paths(allow_outside_paths))
-        store = FeatureStore(create_backbone(backbone, weights, seed=seed), cache_dir, dtype=feature_dtype,
-                             precision=precision, device=device, workers=workers, image_cache=image_cache,
-                             runtime=runtime)
+        store = FeatureStore(create_backbone(backbone, weights, seed=seed, input_size=input_size), cache_dir,
+                             dtype=feature_dtype, precision=precision, device=device, workers=workers,
+                             image_cache=image_cache, runtime=runtime)
         with progress_bars() as bars:
             result = store.extract([s.path for s in dataset.samples], batch_size=batch_size, strict=strict,
                                    progress=(lambda d, t: bars("extract", d, t)), warn=log)

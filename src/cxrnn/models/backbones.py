@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -285,12 +285,16 @@ def weights_identity(weights: str | Path) -> str:
     return "file:" + digest.hexdigest()[:16]
 
 
-def create_backbone(name: str, weights: str | Path = "imagenet", seed: int = 0) -> Backbone:
+def create_backbone(name: str, weights: str | Path = "imagenet", seed: int = 0, input_size: int = 0) -> Backbone:
     """Build a frozen-ready backbone with ``imagenet`` weights, ``none`` (seeded random init) or a file.
 
     A file is a state dict of the timm model (a full ImageNet checkpoint or the features alone; the
     classifier may be missing), optionally wrapped in {"state_dict": ...} or {"model": ...}.
+    ``input_size`` > 0 replaces the spec's input side (the rest of its preprocessing stays): the
+    feature map, and so the head's sequence, grows with it.
     """
+    if input_size < 0 or (0 < input_size < 32):
+        raise ValueError(f"input_size must be 0 (the backbone's own) or at least 32 pixels, not {input_size}")
     import timm
 
     spec = get_spec(name)
@@ -314,7 +318,10 @@ def create_backbone(name: str, weights: str | Path = "imagenet", seed: int = 0) 
         model = timm.create_model(spec.timm_name, pretrained=False)
         load_weights_file(model, path)
         weights_id = weights_identity(path)
-    return Backbone(spec, model.eval(), weights_id)
+    backbone = Backbone(spec, model.eval(), weights_id)
+    if input_size:
+        backbone.preprocessing = replace(spec.preprocessing, input_size=int(input_size))
+    return backbone
 
 
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:

@@ -90,6 +90,8 @@ class TrainConfig:
                                                  "efficientnet_lite0 or a timm name.")
     head: str = option("bilstm", "bilstm, lstm, gru, pool or paper.")
     weights: str = option("imagenet", "imagenet, none or a local state-dict file.")
+    input_size: int = option(0, "Side of the square backbone input in pixels (0: the backbone's own, 224 for "
+                                "the paper's); larger inputs give a finer feature sequence.", bounds=at_least(0))
     out: str = option("runs/train", "Run directory.")
     seed: int = option(0, "Random seed of the split, the head's initialisation and the batches.", bounds=at_least(0))
     test_size: float = option(0.2, "Share held out for testing.", bounds=within(0, 1, low_open=True, high_open=True))

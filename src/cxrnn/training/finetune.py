@@ -128,7 +128,7 @@ def fit_finetune(cfg: TrainConfig, dataset: Dataset, progress: Progress | None =
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must be a multiple of the "
                          f"{world} processes")
-    backbone = create_backbone(cfg.backbone, cfg.weights, seed=cfg.seed)
+    backbone = create_backbone(cfg.backbone, cfg.weights, seed=cfg.seed, input_size=cfg.input_size)
     base_weights = backbone.weights_id
     prep = backbone.preprocessing
     images_all, kept, digests, skipped, hashes = _load_resized([str(s.path) for s in dataset.samples], prep, cfg, log)

@@ -55,7 +55,7 @@ def fit_frozen(cfg: TrainConfig, dataset: Dataset, progress: Progress | None = N
     """Extract (or reuse) the features, split, and train the head; None on torchrun ranks other than 0."""
     log = log or (lambda msg: None)
     elapsed = timer()
-    backbone = create_backbone(cfg.backbone, cfg.weights, seed=cfg.seed)
+    backbone = create_backbone(cfg.backbone, cfg.weights, seed=cfg.seed, input_size=cfg.input_size)
     store = FeatureStore(backbone, cfg.cache_dir, dtype=cfg.feature_dtype, precision=cfg.precision,
                          device=cfg.device, workers=cfg.workers, image_cache=cfg.image_cache,
                          runtime=cfg.extract_runtime)
