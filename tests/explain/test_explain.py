@@ -245,6 +245,9 @@ def test_explain_eval_on_the_phantom(trained_run, phantom_dir, tmp_path):
         # The maps beat a flat map: more of their energy on the lesion than the lesion's share of the image.
         assert summary["energy_in_lesion"] > summary["lesion_area_share"]
     assert 0 <= report["random"]["deletion_auc"] <= 1 and "random order" in table
+    cells = report["random_cells"]
+    assert 0 <= cells["deletion_auc"] <= 1 and "random cell order" in table
+    assert cells["deletion_auc"] != report["random"]["deletion_auc"]  # a second order, not a copy of the first
     # The model does read the lesions: erased, most cases are called normal (so a miss is the map's fault).
     # Measured on this small model: 0.98 called abnormal with the lesion, 0.22 without.
     removed = report["lesion_removed"]

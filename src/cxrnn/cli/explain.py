@@ -93,7 +93,7 @@ def explain_eval(
     allow_outside_paths: bool = typer.Option(False, "--allow-outside-paths", help=config_help("allow_outside_paths")),
 ) -> None:
     """Check maps against known lesions and against the model: pointing game (5% and zero tolerance, with 95%
-    intervals), energy in lesions, deletion / insertion AUC against a random order, seconds per image."""
+    intervals), energy in lesions, deletion / insertion AUC against random pixel and cell orders, seconds per image."""
     from cxrnn.data.dataset import load_dataset
     from cxrnn.explain.localisation import comparison_table, evaluate_explanations, write_explain_eval
     from cxrnn.models.bundle import load_bundle

@@ -4,7 +4,8 @@ Pixels are removed (deletion: replaced by black) or revealed (insertion: a blurr
 order of the map, most important first, and the explained class's probability is followed over
 ``steps`` equal fractions of the image. The area under the curve (trapezoid over the removed fraction in
 [0, 1]) judges the map by the model rather than by the lesion: a low deletion AUC and a high insertion AUC
-mean the map ranks first the pixels the model uses. A random order is the reference every map must beat.
+mean the map ranks first the pixels the model uses. Random orders are the references every map must beat: one
+of single pixels and one of feature-map cells (see ``random_aucs``).
 
 Everything happens at the model's input size (S x S): the map is resized to it and the curve's inputs are
 model inputs, so one curve costs ``steps + 1`` whole-network passes per image and direction.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cxrnn.explain.attribution import black_input, gaussian_blur
+from cxrnn.explain.attribution import black_input, gaussian_blur, grid_to_input
 from cxrnn.explain.cam import resize_map
 from cxrnn.explain.registry import CURVE_STEPS
 from cxrnn.models.network import CxrNet
@@ -78,8 +79,19 @@ class DeletionInsertion:
         curves = self.curves(x, saliency, target, seed)
         return {"deletion_auc": auc(curves["deletion"]), "insertion_auc": auc(curves["insertion"])}
 
-    def random_aucs(self, x: torch.Tensor, target: int, seed: int = 0) -> dict[str, float]:
-        """The same for a random pixel order (a map of uniform noise at the input size)."""
+    def random_aucs(self, x: torch.Tensor, target: int, seed: int = 0,
+                    cells: tuple[int, int] | None = None) -> dict[str, float]:
+        """The same for a random order: of pixels (a map of uniform noise at the input size) or, with ``cells``
+        (H, W), of feature-map cells (noise on that grid, enlarged as the sequence maps are).
+
+        The cell order removes whole smooth blobs, as every map here does, where the pixel order scatters
+        single pixels; a model can react to the scattered noise itself, so only the cell order tells whether
+        a map's *choice* of regions matters more than the shape of what it removes.
+        """
         size = x.shape[-1]
-        noise = np.random.default_rng(seed + 1).random((size, size)).astype(np.float32)
+        rng = np.random.default_rng(seed + 1)
+        if cells is None:
+            noise = rng.random((size, size)).astype(np.float32)
+        else:
+            noise = grid_to_input(torch.from_numpy(rng.random((1, *cells)).astype(np.float32)), size)[0].numpy()
         return self.aucs(x, noise, target, seed)

@@ -9,7 +9,8 @@ Over the abnormal images (those whose ``mask`` column names a non-empty lesion m
 - energy in lesion / lungs: the share of the map's total mass inside the (undilated) lesion mask and
   inside the lung mask (``lung_mask`` column, when present);
 - deletion and insertion AUC (``cxrnn.explain.faithfulness``) of the explained class's probability,
-  beside those of a random pixel order on the same images: faithfulness to the model, not to the lesion;
+  beside those of a random order of pixels and of feature-map cells on the same images: faithfulness to
+  the model, not to the lesion;
 - seconds per image of each method's maps (the backbone pass included).
 
 On a cxrnn phantom the result also carries ``lesion_removed``: the same abnormal cases re-rendered
@@ -197,6 +198,7 @@ def evaluate_explanations(
     say = warn or (lambda m: None)
     rows: dict[str, list[dict[str, Any]]] = {m: [] for m in names}
     random_rows: list[dict[str, Any]] = []
+    random_cell_rows: list[dict[str, Any]] = []
     seconds = {m: 0.0 for m in names}
     errors: list[str] = []
     curves = DeletionInsertion(bundle.net, bundle.preprocessing, bundle.temperature, curve_steps) if curve_steps else None
@@ -226,6 +228,9 @@ def evaluate_explanations(
                         explained = bundle.classes.index(row["label"] if target == "true" else row["predicted"])
                         random_rows.append({"label": read.case.sample.label,
                                             **curves.random_aucs(x[i : i + 1], explained, seed=start + i)})
+                        random_cell_rows.append({"label": read.case.sample.label,
+                                                 **curves.random_aucs(x[i : i + 1], explained, seed=start + i,
+                                                                      cells=tuple(bundle.feature_hw))})
             if progress:
                 progress(min(start + batch_size, len(cases)), len(cases))
         layers = {m: e.layer_name for m, e in explainers.items()}
@@ -241,15 +246,10 @@ def evaluate_explanations(
             "seconds_per_image": seconds[name] / len(rows[name]),
             "images": rows[name],
         }
-    random_summary = None
-    if random_rows:
-        random_summary = {"deletion_auc": _mean([r["deletion_auc"] for r in random_rows]),
-                          "insertion_auc": _mean([r["insertion_auc"] for r in random_rows]),
-                          "per_class": {c: {k: _mean([r[k] for r in random_rows if r["label"] == c])
-                                            for k in ("deletion_auc", "insertion_auc")} for c in classes}}
     return {
         "methods": summaries,
-        "random": random_summary,
+        "random": _curve_summary(random_rows, classes),
+        "random_cells": _curve_summary(random_cell_rows, classes),
         "n": len(rows[names[0]]),
         "target": target,
         "tolerance": POINTING_TOLERANCE,
@@ -258,6 +258,15 @@ def evaluate_explanations(
         "lesion_removed": lesion_removed_test(bundle, dataset),
         "errors": errors,
     }
+
+
+def _curve_summary(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, Any] | None:
+    """Mean deletion / insertion AUC of a random order, overall and per class (None without curves)."""
+    if not rows:
+        return None
+    keys = ("deletion_auc", "insertion_auc")
+    return {**{k: _mean([r[k] for r in rows]) for k in keys},
+            "per_class": {c: {k: _mean([r[k] for r in rows if r["label"] == c]) for k in keys} for c in classes}}
 
 
 def _read_batch(cases: list[_Case], preprocessing: Any, errors: list[str], say: Callable[[str], None]) -> list[_Read]:
@@ -302,11 +311,12 @@ def comparison_rows(result: dict[str, Any]) -> list[list[str]]:
                         _number(row["chance_hit_rate"]), _number(row["energy_in_lesion"]),
                         _number(row["deletion_auc"]), _number(row["insertion_auc"]),
                         _number(summary["seconds_per_image"], 3) if cls == "all" else ""])
-    rnd = result.get("random")
-    if rnd:
-        for cls, row in [*rnd["per_class"].items(), ("all", rnd)]:
-            out.append(["random order", cls, "", "", "", "", "", _number(row["deletion_auc"]),
-                        _number(row["insertion_auc"]), ""])
+    for key, label in (("random", "random order"), ("random_cells", "random cell order")):
+        rnd = result.get(key)
+        if rnd:
+            for cls, row in [*rnd["per_class"].items(), ("all", rnd)]:
+                out.append([label, cls, "", "", "", "", "", _number(row["deletion_auc"]),
+                            _number(row["insertion_auc"]), ""])
     return out
 
 
@@ -323,7 +333,9 @@ def comparison_markdown(result: dict[str, Any]) -> str:
              f"{result['tolerance']:.0%} of the image width of the lesion (5%), or inside it (0, CheXlocalize's "
              "rule); 95% bootstrap intervals over the images. Deletion / insertion AUC: the class probability as "
              f"pixels are removed / revealed in the map's order over {result['curve_steps']} steps (lower / higher "
-             "is more faithful to the model; the random order is the reference).", "",
+             "is more faithful to the model). The references: a random order of single pixels, and a random order of "
+             "the feature map's cells, which removes smooth blobs as the maps do (a map that beats the pixel order "
+             "but not the cell order wins by the shape of what it removes, not by where).", "",
              *comparison_table(result)]
     removed = result.get("lesion_removed")
     if removed:
