@@ -266,6 +266,23 @@ def test_shifted_integrated_gradients_find_a_spot_finer_than_the_grid(centre):
 def test_shifts_must_be_positive():
     with pytest.raises(ValueError, match="shifts"):
         SequenceIntegratedGradients(None, shifts=0)
+    with pytest.raises(ValueError, match="smooth"):
+        SequenceIntegratedGradients(None, smooth=-0.5)
+
+
+def test_smoothing_spreads_a_step_over_its_cell_and_keeps_the_peak():
+    """Half a cell of smoothing widens the spot's map (more pixels above half its maximum) without moving its
+    maximum by more than a pixel."""
+    x = torch.zeros(1, 3, 70, 70)
+    x[:, :, 31:39, 31:39] = 1.0  # one spot at the centre of the 10 x 10 cells' middle
+    net = PoolingNet()
+    fmap = net.backbone(x)
+    plain, smooth = (SequenceIntegratedGradients(torch.zeros(4), n_steps=8, smooth=s).maps(net, x, fmap, [0])[0]
+                     for s in (0.0, 0.5))
+    assert float(smooth.max()) == pytest.approx(1.0)
+    peaks = [np.array(np.unravel_index(int(m.argmax()), m.shape)) for m in (plain, smooth)]
+    assert np.abs(peaks[0] - peaks[1]).max() <= 1
+    assert int((smooth > 0.5).sum()) > 1.3 * int((plain > 0.5).sum())
 
 
 def test_random_cell_order_removes_whole_cells(tiny):

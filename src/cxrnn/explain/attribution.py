@@ -150,16 +150,24 @@ class SequenceIntegratedGradients(Attribution):
     feature-map cell (each translated back before averaging): the H x W grid then samples the image at N
     times its own resolution, at the cost of one backbone pass per extra copy. On the demo model and two
     unseen phantoms (seeds 99 and 7, 80 abnormal images each) 3 x 3 shifts raised the 5% pointing-game hit
-    rate from 0.738 / 0.863 to 0.800 / 0.875 (README, explanations)."""
+    rate from 0.738 / 0.863 to 0.800 / 0.875 (README, explanations).
+
+    ``smooth`` > 0 blurs the enlarged map by a Gaussian of that many feature-map cells: a step's weight
+    belongs to the region its receptive field covers, not to its centre point alone. On a 448 px demo model
+    (14 x 14 steps, seed-99 phantom) half a cell lowered the deletion AUC from 0.266 to 0.185, below
+    Grad-CAM's 0.254, at the same hit rate (README, explanations); one seed only, so it is not the default."""
 
     info = ATTRIBUTION_METHODS["ig-sequence"]
 
-    def __init__(self, baseline: torch.Tensor | None, n_steps: int = 32, shifts: int = 1):
+    def __init__(self, baseline: torch.Tensor | None, n_steps: int = 32, shifts: int = 1, smooth: float = 0.0):
         if shifts < 1:
             raise ValueError("shifts must be at least 1 (1: the image as it is)")
+        if not smooth >= 0:
+            raise ValueError(f"smooth must be at least 0 feature-map cells, not {smooth!r}")
         self.baseline = baseline
         self.n_steps = n_steps
         self.shifts = shifts
+        self.smooth = float(smooth)
 
     def _grid(self, net: CxrNet, fmap: torch.Tensor, targets: list[int]) -> torch.Tensor:
         from captum.attr import IntegratedGradients
@@ -180,6 +188,8 @@ class SequenceIntegratedGradients(Attribution):
                 with torch.no_grad():
                     shifted_fmap = net.backbone(translate(x, dy, dx))
             total += translate(grid_to_input(self._grid(net, shifted_fmap, targets), size)[:, None], -dy, -dx)[:, 0]
+        if self.smooth:
+            total = gaussian_blur(total, self.smooth * size / max(fmap.shape[-2:]))
         return normalise_maps(total)
 
 
