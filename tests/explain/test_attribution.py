@@ -254,7 +254,7 @@ def test_shifted_integrated_gradients_find_a_spot_finer_than_the_grid(centre):
     fmap = net.backbone(x)
 
     def peak_error(shifts: int) -> float:
-        m = SequenceIntegratedGradients(torch.zeros(4), n_steps=8, shifts=shifts).maps(net, x, fmap, [0])[0]
+        m = SequenceIntegratedGradients(torch.zeros(4), n_steps=8, shifts=shifts, smooth=0.0).maps(net, x, fmap, [0])[0]
         assert m.shape == (70, 70) and float(m.max()) == pytest.approx(1.0)
         py, px = np.unravel_index(int(m.argmax()), m.shape)
         return float(np.hypot(py + 0.5 - cy, px + 0.5 - cx))  # from the pixel's centre to the spot's
@@ -271,14 +271,15 @@ def test_shifts_must_be_positive():
 
 
 def test_smoothing_spreads_a_step_over_its_cell_and_keeps_the_peak():
-    """Half a cell of smoothing widens the spot's map (more pixels above half its maximum) without moving its
-    maximum by more than a pixel."""
+    """Half a cell of smoothing (the default) widens the spot's map (more pixels above half its maximum) without
+    moving its maximum by more than a pixel."""
     x = torch.zeros(1, 3, 70, 70)
     x[:, :, 31:39, 31:39] = 1.0  # one spot at the centre of the 10 x 10 cells' middle
     net = PoolingNet()
     fmap = net.backbone(x)
-    plain, smooth = (SequenceIntegratedGradients(torch.zeros(4), n_steps=8, smooth=s).maps(net, x, fmap, [0])[0]
-                     for s in (0.0, 0.5))
+    plain, smooth, default = (SequenceIntegratedGradients(torch.zeros(4), n_steps=8, **kw).maps(net, x, fmap, [0])[0]
+                              for kw in ({"smooth": 0.0}, {"smooth": 0.5}, {}))
+    assert torch.equal(default, smooth)  # the default map is the half-cell blur
     assert float(smooth.max()) == pytest.approx(1.0)
     peaks = [np.array(np.unravel_index(int(m.argmax()), m.shape)) for m in (plain, smooth)]
     assert np.abs(peaks[0] - peaks[1]).max() <= 1

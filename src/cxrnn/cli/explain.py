@@ -13,8 +13,8 @@ from cxrnn.cli.options import config_help
 from cxrnn.explain.registry import CURVE_STEPS, DEFAULT_EVAL_METHODS, DEFAULT_METHOD
 from cxrnn.training.config import at_least, within
 
-METHOD_HELP = ("ig-sequence (default: integrated gradients on the feature-map sequence, one backbone pass), "
-               "occlusion (each feature-map step replaced by the training mean, one backbone pass), "
+METHOD_HELP = ("ig-sequence (default: integrated gradients on the feature-map sequence blurred by half a cell, "
+               "one backbone pass), occlusion (each feature-map step replaced by the training mean, one backbone pass), "
                "gradcam, gradcam++, xgradcam, eigencam (class-agnostic), scorecam (slow: one pass per channel), "
                "ig-pixels (integrated gradients on the pixels, slow) or pixel-occlusion (slow reference: one pass "
                "per patch).")
