@@ -70,7 +70,8 @@ def test_unknown_keys_in_a_config_file_are_named(tmp_path) -> None:
                                  {"patience": -1}, {"bootstrap": -1}, {"workers": -1}, {"extract_batch_size": 0},
                                  {"near_duplicate_threshold": -1}, {"near_duplicate_threshold": 257}, {"rotation": -5.0},
                                  {"seed": -1}, {"folds": -2}, {"val_size": 1.0}, {"weight_decay": -0.1},
-                                 {"align_threshold": 1.5}, {"lr": "0.001"}])
+                                 {"align_threshold": 1.5}, {"lr": "0.001"}, {"input_size": -1},
+                                 {"input_size": 16}])
 def test_out_of_range_numbers_are_refused_with_the_field_and_its_range(bad) -> None:
     (name, value), = bad.items()
     with pytest.raises(ValueError, match=f"^{name} must be "):
@@ -80,7 +81,7 @@ def test_out_of_range_numbers_are_refused_with_the_field_and_its_range(bad) -> N
 def test_the_edges_of_each_range_are_accepted() -> None:
     TrainConfig(data="x", epochs=1, batch_size=1, patience=0, bootstrap=0, workers=0, extract_batch_size=1,
                 near_duplicate_threshold=0, rotation=0.0, seed=0, folds=0, val_size=0.0, align_threshold=0.0,
-                backbone_lr_scale=1.0, lr_decay=1.0).validate()
+                backbone_lr_scale=1.0, lr_decay=1.0, input_size=32).validate()
 
 
 def test_bounds_live_in_the_field_metadata() -> None:

@@ -285,6 +285,10 @@ def weights_identity(weights: str | Path) -> str:
     return "file:" + digest.hexdigest()[:16]
 
 
+# The smallest backbone input: the registered backbones downsample by 32, so below it no feature map is left.
+MIN_INPUT_SIZE = 32
+
+
 def create_backbone(name: str, weights: str | Path = "imagenet", seed: int = 0, input_size: int = 0) -> Backbone:
     """Build a frozen-ready backbone with ``imagenet`` weights, ``none`` (seeded random init) or a file.
 
@@ -293,8 +297,9 @@ def create_backbone(name: str, weights: str | Path = "imagenet", seed: int = 0, 
     ``input_size`` > 0 replaces the spec's input side (the rest of its preprocessing stays): the
     feature map, and so the head's sequence, grows with it.
     """
-    if input_size < 0 or (0 < input_size < 32):
-        raise ValueError(f"input_size must be 0 (the backbone's own) or at least 32 pixels, not {input_size}")
+    if input_size < 0 or (0 < input_size < MIN_INPUT_SIZE):
+        raise ValueError(f"input_size must be 0 (the backbone's own) or at least {MIN_INPUT_SIZE} pixels, "
+                         f"not {input_size}")
     import timm
 
     spec = get_spec(name)
