@@ -31,7 +31,7 @@ ATTRIBUTION_METHODS: dict[str, MethodInfo] = {
     "occlusion": MethodInfo("occlusion", "sequence occlusion: each feature-map step replaced by the training mean",
                             False, "1"),
     "ig-sequence": MethodInfo("ig-sequence", "integrated gradients on the feature-map sequence, blurred by half a cell",
-                                  True, "1"),
+                              True, "1"),
     "ig-pixels": MethodInfo("ig-pixels", "integrated gradients on the pixels (slow: backbone backward per step)",
                             True, "n_steps"),
     "pixel-occlusion": MethodInfo("pixel-occlusion", "image-space occlusion (slow reference: one pass per patch)",

@@ -289,6 +289,13 @@ def weights_identity(weights: str | Path) -> str:
 MIN_INPUT_SIZE = 32
 
 
+def check_input_size(input_size: int) -> None:
+    """Raise ``ValueError`` unless ``input_size`` is 0 (the backbone's own side) or at least MIN_INPUT_SIZE."""
+    if input_size < 0 or (0 < input_size < MIN_INPUT_SIZE):
+        raise ValueError(f"input_size must be 0 (the backbone's own) or at least {MIN_INPUT_SIZE} pixels, "
+                         f"not {input_size}")
+
+
 def create_backbone(name: str, weights: str | Path = "imagenet", seed: int = 0, input_size: int = 0) -> Backbone:
     """Build a frozen-ready backbone with ``imagenet`` weights, ``none`` (seeded random init) or a file.
 
@@ -297,9 +304,7 @@ def create_backbone(name: str, weights: str | Path = "imagenet", seed: int = 0, 
     ``input_size`` > 0 replaces the spec's input side (the rest of its preprocessing stays): the
     feature map, and so the head's sequence, grows with it.
     """
-    if input_size < 0 or (0 < input_size < MIN_INPUT_SIZE):
-        raise ValueError(f"input_size must be 0 (the backbone's own) or at least {MIN_INPUT_SIZE} pixels, "
-                         f"not {input_size}")
+    check_input_size(input_size)
     import timm
 
     spec = get_spec(name)

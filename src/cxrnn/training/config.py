@@ -154,12 +154,9 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
         from cxrnn.features.extractors import EXTRACT_RUNTIMES  # here: importing it pulls in torch
-        from cxrnn.models.backbones import MIN_INPUT_SIZE
+        from cxrnn.models.backbones import check_input_size
 
-        if 0 < self.input_size < MIN_INPUT_SIZE:  # refused here, before the split and the cache, not at the backbone
-            raise ValueError(f"input_size must be 0 (the backbone's own) or at least {MIN_INPUT_SIZE} pixels, "
-                             f"not {self.input_size}")
-
+        check_input_size(self.input_size)  # here, before the split and the cache, not only at the backbone
         if self.extract_runtime not in EXTRACT_RUNTIMES:
             raise ValueError(f"extract_runtime must be one of {', '.join(EXTRACT_RUNTIMES)}, not {self.extract_runtime!r}")
         return self
