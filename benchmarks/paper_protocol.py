@@ -57,6 +57,11 @@ Floors beside each head step (batch 16):
 - the measured step as a multiple of compute floor + memory floor (the sum: the optimizer's pass over
   memory comes after the matmuls; it cannot overlap them). bf16 rows use the bf16 matmul rate; their
   memory floor is the same fp32 bytes (master weights and optimizer state stay fp32).
+How the step gets near its floor on a CPU (each change measured, see README "Speed"): the dense layers'
+and the LSTM's batch-16 matmuls through oneDNN (``cpu_linear``; MKL's sgemm is slow at 16 rows), resident
+weight gradients, the LSTM's backward through time with one recurrent-weight matmul for all steps
+(``_ReluLSTMFn``), and RMSprop compiled into one pass over memory (``fused_rmsprop_update``, where PyTorch's
+compiler works; else chunked). The JSON's ``machine.implementation`` says which of these this run used.
 Writes benchmarks/results/paper_protocol.json.
 """
 
@@ -127,6 +132,14 @@ def head_flops(c: int, steps: int, units: int, dense: list[int], classes: int, f
             "dense_step": 3.0 * dense_f, "step_total": total, "lstm_share": lstm_step / total}
 
 
+def implementation() -> dict[str, str]:
+    """Which of the head step's fast paths this process used (asked after the steps ran: both are chosen lazily)."""
+    from cxrnn.models.heads import cpu_linear_backend
+    from cxrnn.training.optim import rmsprop_backend
+
+    return {"cpu_linear": cpu_linear_backend(), "rmsprop_update": rmsprop_backend()}
+
+
 VARIANTS = (("trainable", "fp32"), ("freeze_rnn", "fp32"), ("trainable", "bf16"), ("freeze_rnn", "bf16"))
 LABELS = {"trainable": "trainable LSTM", "freeze_rnn": "--freeze-rnn (cached LSTM outputs)"}
 
@@ -164,8 +177,8 @@ def main() -> None:
     from cxrnn.models.heads import create_head
     from cxrnn.models.preprocess import to_input_tensor
     from cxrnn.training.config import PRESETS, TrainConfig
-    from cxrnn.training.loop import (EVAL_BATCH, FromRnnOutputs, make_optimizer, rnn_output_rows, rows_logits,
-                                     train_step)
+    from cxrnn.training.loop import EVAL_BATCH, FromRnnOutputs, rnn_output_rows, rows_logits, train_step
+    from cxrnn.training.optim import make_optimizer
 
     device = resolve_device(args.device)
     sync = synchronizer(device)
@@ -390,6 +403,7 @@ def main() -> None:
                  "images once. Nothing ran the 5 x 20 epochs. The seed's way is measured in fp32 with the seed's "
                  "head (frozen LSTM, run every step) and the backbone re-run on every batch."),
         "machine": {"device": str(device), "name": machine, "threads": torch.get_num_threads(),
+                    "implementation": implementation(),
                     "load_average": os.getloadavg()[0], "matmul_flops_per_s": rates,
                     "triad_bytes_per_s": bandwidth},
         "protocol": {"folds": args.folds, "epochs": args.epochs, "batch": BATCH, "test_size": cfg.test_size,
@@ -426,6 +440,7 @@ def main() -> None:
               + "".join(f"{payload['total_6939_h'][k]:>14.2f} h ({payload['seed_total_6939_h'] / payload['total_6939_h'][k]:>5.1f}x)"
                         for k in keys))
     print("(Nx: the seed's way over this one, whole protocol)")
+    print(f"implementation: {payload['machine']['implementation']}")
     print(f"wrote {args.out}")
 
 

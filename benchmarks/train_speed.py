@@ -59,7 +59,8 @@ def main() -> None:
     from cxrnn.models.bundle import build_network
     from cxrnn.models.preprocess import to_input_tensor
     from cxrnn.training.config import PRESETS, TrainConfig
-    from cxrnn.training.loop import fit_head, make_optimizer
+    from cxrnn.training.loop import fit_head
+    from cxrnn.training.optim import make_optimizer
     from cxrnn.training import train
 
     work = Path(tempfile.mkdtemp(prefix="cxrnn-speed-"))

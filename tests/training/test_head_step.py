@@ -1,4 +1,4 @@
-"""The paper head's training step: the frozen-LSTM cache, the chunked RMSprop, the resident weight gradient."""
+"""The paper head's training step: the frozen-LSTM cache, the LSTM's backward, the resident weight gradient."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from cxrnn.models import heads
 from cxrnn.models.heads import ReluLSTM, ResidentGradLinear, create_head
 from cxrnn.training.config import PRESETS, TrainConfig
-from cxrnn.training.loop import ChunkedRMSprop, fit_head, make_optimizer, rows_logits
+from cxrnn.training.loop import fit_head, rows_logits
 
 
 def _tiny_paper_head(seed: int, freeze_rnn: bool) -> nn.Module:
@@ -44,7 +46,10 @@ def test_cached_frozen_lstm_trains_the_same_head_without_running_the_lstm_per_st
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
     assert cached.best_epoch == plain.best_epoch
     for k, v in cached_head.state_dict().items():
-        torch.testing.assert_close(v, plain_head.state_dict()[k], rtol=1e-5, atol=1e-6)
+        # float tolerance relative to each tensor's scale: the LSTM's outputs at the cache's batch and at the
+        # step's differ in the last bits, and 4 epochs of batch norm at batch 4 carry that to ~1e-5
+        scale = float(v.float().abs().max()) or 1.0
+        torch.testing.assert_close(v, plain_head.state_dict()[k], rtol=0, atol=1e-4 * scale, msg=k)
     torch.testing.assert_close(rows_logits(cached_head, x), rows_logits(plain_head, x), rtol=1e-5, atol=1e-5)
     assert not torch.equal(cached_head.classifier.weight, _tiny_paper_head(1, freeze_rnn=True).classifier.weight)
 
@@ -83,29 +88,38 @@ def test_relu_lstm_matches_the_step_by_step_form_forward_and_backward() -> None:
         torch.testing.assert_close(a, b)
 
 
-def test_chunked_rmsprop_is_pytorchs_rmsprop_bit_for_bit() -> None:
+def test_relu_lstm_backward_through_time_passes_gradcheck() -> None:
+    """The hand-written backward (one recurrent-weight matmul for all steps) against finite differences."""
+    torch.manual_seed(3)
+    gates_x = torch.randn(3, 5, 4 * 4, dtype=torch.float64, requires_grad=True)
+    w_rec = torch.randn(4 * 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(heads._ReluLSTMFn.apply, (gates_x, w_rec))
+
+
+def test_relu_lstm_paths_agree_training_inference_and_export() -> None:
     torch.manual_seed(0)
-    # larger than a chunk (uneven tail), small, and non-contiguous
-    params = [torch.randn(ChunkedRMSprop.CHUNK + 1234), torch.randn(30, 40), torch.randn(50, 60).t()]
-    ours = [p.clone().requires_grad_() for p in params]
-    theirs = [p.clone().requires_grad_() for p in params]
-    a = ChunkedRMSprop(ours, lr=1e-3, alpha=0.9, eps=1e-7, weight_decay=0.01)
-    b = torch.optim.RMSprop(theirs, lr=1e-3, alpha=0.9, eps=1e-7, weight_decay=0.01, foreach=False)
-    for _ in range(3):
-        for p, q in zip(ours, theirs):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-        a.step()
-        b.step()
-    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
-    b.load_state_dict(a.state_dict())  # the same state: either optimizer resumes the other's
+    lstm = ReluLSTM(7, 5)
+    seq = torch.randn(4, 9, 7)
+    trained = lstm(seq.clone().requires_grad_())  # the autograd Function
+    with torch.no_grad():
+        inferred = lstm(seq)  # the in-place loop
+        traced = lstm._traceable(lstm.input_proj(seq))  # what exporters see
+    assert trained.grad_fn is not None and "ReluLSTMFn" in type(trained.grad_fn).__name__
+    torch.testing.assert_close(trained.detach(), inferred)
+    torch.testing.assert_close(traced, inferred)
+    frozen = ReluLSTM(7, 5).requires_grad_(False)
+    assert frozen(seq).grad_fn is None  # nothing to train: no graph, no saved steps
 
 
-def test_make_optimizer_uses_the_fast_implementations() -> None:
-    params = [nn.Parameter(torch.randn(4))]
-    assert isinstance(make_optimizer(params, TrainConfig(optimizer="rmsprop")), ChunkedRMSprop)
-    for name in ("adam", "adamw", "sgd"):
-        assert make_optimizer(params, TrainConfig(optimizer=name)).defaults["fused"] is True
+def test_cpu_linear_is_f_linear_with_or_without_onednn(monkeypatch) -> None:
+    torch.manual_seed(0)
+    x, w, b = torch.randn(16, 300), torch.randn(40, 300), torch.randn(40)
+    for onednn in (True, False):
+        monkeypatch.setattr(heads, "_ONEDNN_LINEAR", onednn if onednn is False else None)
+        torch.testing.assert_close(heads.cpu_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+        g = torch.randn(16, 40)
+        torch.testing.assert_close(heads.cpu_linear(g, w.t()), g @ w, rtol=1e-5, atol=1e-4)
+    assert heads.cpu_linear(x.double(), w.double()).dtype == torch.float64  # other dtypes: F.linear
 
 
 def test_resident_grad_linear_is_nn_linear_with_its_gradient_buffer_reused() -> None:

@@ -14,9 +14,120 @@ from torch import nn
 from torch.nn import functional as F
 
 
+def _onednn_linear_works() -> bool:
+    try:
+        x, w = torch.ones(2, 3), torch.ones(4, 3)
+        return bool(torch.equal(torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), F.linear(x, w)))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+_ONEDNN_LINEAR: bool | None = None
+
+
+def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` (x @ weight^T + bias) of fp32 CPU tensors through oneDNN where PyTorch has it, else F.linear.
+
+    PyTorch runs F.linear on MKL's sgemm, which is slow at the paper head's batch-16 shapes on the CPUs
+    measured: on 2 AMD EPYC cores, 25,088 -> 4,096 at 16 rows 47 ms (MKL) vs 32 ms (oneDNN), 4,096 -> 4,096
+    27 vs 8 ms, and the input-gradient matmul (``cpu_linear(grad, weight.t())``) 53 vs 36 ms. oneDNN's
+    ``_linear_pointwise`` is the op PyTorch's own compiler (inductor) emits for CPU linear layers.
+    """
+    global _ONEDNN_LINEAR
+    if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() == 2:
+        if _ONEDNN_LINEAR is None:
+            _ONEDNN_LINEAR = _onednn_linear_works()
+        if _ONEDNN_LINEAR:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def cpu_linear_backend() -> str:
+    """Which library ``cpu_linear`` runs fp32 CPU matmuls on in this process ("not used yet" before its first call)."""
+    return {True: "oneDNN", False: "F.linear (MKL)", None: "not used yet"}[_ONEDNN_LINEAR]
+
+
 def feature_map_to_sequence(fmap: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H*W, C), row-major like Keras' Reshape((H*W, C)) of an NHWC map."""
     return fmap.flatten(2).transpose(1, 2)
+
+
+def _relu_lstm_steps(gates: torch.Tensor, w_rec: torch.Tensor, cells: torch.Tensor | None) -> torch.Tensor:
+    """The recurrence of ``ReluLSTM`` in place: ``gates`` (B, T, 4n) holds each step's input projection and
+    leaves with the pre-activations; returns the outputs (B, T, n). ``cells`` (B, T, n), when given,
+    receives each step's cell state (what the backward pass needs)."""
+    batch, steps, four_n = gates.shape
+    n = four_n // 4
+    outputs = gates.new_empty(batch, steps, n)
+    c = None  # the cell state is 0 before step 0
+    for t in range(steps):
+        gt = gates[:, t]
+        if t:  # h is 0 at step 0: no recurrent matmul
+            gt.add_(cpu_linear(outputs[:, t - 1], w_rec))
+        # one sigmoid over all four gates (the candidate's share is unused): fewer small kernels
+        sig = torch.sigmoid(gt)
+        i, f, o = sig[:, :n], sig[:, n : 2 * n], sig[:, 3 * n :]
+        g = torch.relu(gt[:, 2 * n : 3 * n])
+        c = i * g if c is None else torch.addcmul(i * g, f, c)
+        if cells is not None:
+            cells[:, t] = c
+        torch.mul(o, torch.relu(c), out=outputs[:, t])
+    return outputs
+
+
+class _ReluLSTMFn(torch.autograd.Function):
+    """The recurrence with a hand-written backward through time.
+
+    Autograd's own backward of the step loop computes the recurrent weight's gradient as one small matmul
+    per step into a fresh tensor, added into the total (for the DenseNet121 paper head: 48 fresh 16 MB
+    tensors per training step, profiled at most of the LSTM's backward). Here the steps' gate gradients are
+    kept and the weight gradient is one (4n x B(T-1)) @ (B(T-1) x n) matmul at the end.
+    """
+
+    @staticmethod
+    def forward(ctx, gates_x: torch.Tensor, w_rec: torch.Tensor) -> torch.Tensor:
+        gates = gates_x.clone(memory_format=torch.contiguous_format)
+        low_w = w_rec.to(gates.dtype)
+        cells = gates.new_empty(gates.shape[0], gates.shape[1], w_rec.shape[1])
+        outputs = _relu_lstm_steps(gates, low_w, cells)
+        ctx.save_for_backward(gates, cells, outputs, low_w)
+        ctx.weight_dtype = w_rec.dtype
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        gates, cells, outputs, w_rec = ctx.saved_tensors
+        steps, n = gates.shape[1], w_rec.shape[1]
+        grad_output = grad_output.to(gates.dtype)
+        grad_gates = torch.empty_like(gates)
+        grad_h = grad_c = None
+        for t in range(steps - 1, -1, -1):
+            sig = torch.sigmoid(gates[:, t])
+            i, f, o = sig[:, :n], sig[:, n : 2 * n], sig[:, 3 * n :]
+            pre_g = gates[:, t, 2 * n : 3 * n]
+            c = cells[:, t]
+            dh = grad_output[:, t] if grad_h is None else grad_output[:, t] + grad_h
+            dc = dh * o * (c > 0)
+            if grad_c is not None:
+                dc += grad_c
+            d = grad_gates[:, t]
+            # the gates through their sigmoid (s * (1 - s)), the candidate through its ReLU
+            torch.mul(dc * torch.relu(pre_g), i * (1 - i), out=d[:, :n])
+            if t:
+                torch.mul(dc * cells[:, t - 1], f * (1 - f), out=d[:, n : 2 * n])
+            else:
+                d[:, n : 2 * n].zero_()  # c is 0 before step 0: the forget gate has no effect
+            torch.mul(dc * i, pre_g > 0, out=d[:, 2 * n : 3 * n])
+            torch.mul(dh * torch.relu(c), o * (1 - o), out=d[:, 3 * n :])
+            if t:
+                grad_c = dc * f
+                grad_h = cpu_linear(d, w_rec.t())
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            # the steps' h_{t-1} against their gate gradients, all steps in one matmul (h is 0 before step 0)
+            later = grad_gates[:, 1:].reshape(-1, 4 * n)
+            grad_w = (later.t() @ outputs[:, :-1].reshape(-1, n)).to(ctx.weight_dtype)
+        return grad_gates, grad_w
 
 
 class ReluLSTM(nn.Module):
@@ -36,23 +147,33 @@ class ReluLSTM(nn.Module):
             self.input_proj.bias[hidden_size : 2 * hidden_size] = 1.0
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
-        # All steps' input projections in one big matmul, split with unbind: indexing gates_x[:, t] instead
-        # makes the backward of every time step add a full-size zero gradient of gates_x (profiled: about
-        # a quarter of the VGG19 paper head's training step).
-        gates_x = self.input_proj(seq).unbind(1)
+        # All steps' input projections in one big matmul
+        gates_x = self.input_proj(seq)
+        w_rec = self.recurrent.weight
+        if torch.is_grad_enabled() and (gates_x.requires_grad or w_rec.requires_grad) and not _tracing():
+            return _ReluLSTMFn.apply(gates_x, w_rec)
+        if _tracing():
+            return self._traceable(gates_x)
+        gates = gates_x.contiguous()  # no autograd here: the fresh projection is overwritten in place
+        return _relu_lstm_steps(gates, w_rec.to(gates.dtype), None)
+
+    def _traceable(self, gates_x: torch.Tensor) -> torch.Tensor:
+        """The same recurrence without in-place writes, for exporters and compilers (ONNX, torch.export)."""
         w_rec, n = self.recurrent.weight.t(), self.hidden_size
         outputs: list[torch.Tensor] = []
-        c: torch.Tensor | None = None  # the cell state is 0 before step 0
-        for t, gx in enumerate(gates_x):
-            # h is 0 at step 0: no recurrent matmul; later the add is fused into it (addmm)
+        c: torch.Tensor | None = None
+        for t, gx in enumerate(gates_x.unbind(1)):
             gates = gx if t == 0 else torch.addmm(gx, outputs[-1], w_rec)
-            # One sigmoid over all four gates (the candidate's share is unused): fewer small kernels
             sig = torch.sigmoid(gates)
             i, f, o = sig[:, :n], sig[:, n : 2 * n], sig[:, 3 * n :]
             g = torch.relu(gates[:, 2 * n : 3 * n])
             c = i * g if c is None else f * c + i * g
             outputs.append(o * torch.relu(c))
         return torch.stack(outputs, dim=1)
+
+
+def _tracing() -> bool:
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
 class _ResidentGradLinearFn(torch.autograd.Function):
@@ -65,7 +186,7 @@ class _ResidentGradLinearFn(torch.autograd.Function):
             weight = layer.low_precision_weight(low)
             out = F.linear(x.to(low), weight, None if bias is None else bias.to(low))
         else:
-            out = F.linear(x, weight, bias)
+            out = cpu_linear(x, weight, bias)
         ctx.save_for_backward(x, weight)
         ctx.layer, ctx.has_bias = layer, bias is not None
         return out
@@ -73,7 +194,7 @@ class _ResidentGradLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
-        grad_x = (grad_out.to(weight.dtype) @ weight).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = cpu_linear(grad_out.to(weight.dtype), weight.t()).to(x.dtype) if ctx.needs_input_grad[0] else None
         if ctx.needs_input_grad[1]:
             # in fp32 also under autocast: with 16 rows this matmul's inner dimension is 16, where bf16 was
             # measured slower than fp32 (113 vs 74 ms for the 25,088 x 4,096 layer), and the master weight is fp32

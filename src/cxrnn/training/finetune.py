@@ -32,7 +32,8 @@ from cxrnn.models.bundle import build_network
 from cxrnn.models.preprocess import input_transform, to_input_tensor
 from cxrnn.training.config import TrainConfig
 from cxrnn.training.frozen import head_options_for
-from cxrnn.training.loop import FitResult, lr_at, make_optimizer
+from cxrnn.training.loop import FitResult, lr_at
+from cxrnn.training.optim import make_optimizer
 from cxrnn.training.run import FittedModel, Log, PreparedData, Progress, prepare_data, timer
 from cxrnn.utils import distributed
 

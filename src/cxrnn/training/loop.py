@@ -23,6 +23,7 @@ from cxrnn.inference.device import autocast, resolve_device
 from cxrnn.features.matrix import FeatureRows, open_matrix, write_matrix
 from cxrnn.models.heads import PaperHead
 from cxrnn.training.config import TrainConfig
+from cxrnn.training.optim import make_optimizer
 
 EVAL_BATCH = 256
 
@@ -35,97 +36,6 @@ class FitResult:
     best_epoch: int = 0
     best_val_loss: float = math.inf
     seconds: float = 0.0
-
-
-def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """``params``: parameters, or param-group dicts (a group's ``lr_scale`` multiplies the schedule's lr)."""
-    params = list(params)
-    if params and isinstance(params[0], dict):
-        params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
-        for g in params:
-            g.setdefault("lr_scale", 1.0)
-            g["lr"] = cfg.lr * g["lr_scale"]
-    else:
-        params = [p for p in params if p.requires_grad]
-    # fused=True: one pass over each parameter's memory per step instead of one per elementwise op
-    # (PyTorch has fused CPU kernels for Adam, AdamW and SGD; measured on the VGG19 paper head, 122 M
-    # parameters: AdamW 1.24 s per-tensor, 0.75 s foreach, 0.10 s fused).
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    if cfg.optimizer == "rmsprop":
-        # Keras RMSprop defaults: rho 0.9, eps 1e-7 (PyTorch's alpha is Keras' rho)
-        return ChunkedRMSprop(params, lr=cfg.lr, alpha=0.9, eps=1e-7, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, fused=True)
-
-
-class ChunkedRMSprop(torch.optim.RMSprop):
-    """PyTorch's RMSprop update, the same elementwise ops in the same order, applied one cache-sized chunk
-    of each parameter at a time.
-
-    PyTorch has no fused RMSprop, and on the CPU ``foreach`` runs the same per-op loops: each of the
-    update's five elementwise ops streams the whole parameter through memory (a 25,088 x 4,096 dense
-    weight is 411 MB). Chunk by chunk, the later ops find their operands in cache, so each parameter,
-    its gradient and its running average cross memory about once. Measured on the VGG19 paper head's
-    122 M parameters, one thread: 0.42 s per step with torch.optim.RMSprop (foreach was no faster than
-    the per-tensor loop), 0.15 s chunked. Only the plain
-    variant (no momentum, not centered) on the CPU is chunked; the others fall back to PyTorch's own step.
-    """
-
-    # elements: four 1 MB operands stay in cache between the ops (measured on 122 M elements: 64 Ki 0.18 s,
-    # 128 Ki 0.13 s, 256 Ki 0.11 s, 1 Mi 0.11 s; one pass, unchunked, 0.25 s)
-    CHUNK = 1 << 18
-
-    def __init__(self, params, lr: float, alpha: float, eps: float, weight_decay: float = 0.0):
-        super().__init__(params, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, foreach=False)
-        self._scratch = torch.empty(0)
-
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        if any(g["momentum"] or g["centered"] or g["maximize"] or any(p.device.type != "cpu" for p in g["params"])
-               for g in self.param_groups):
-            return super().step(closure)  # on a GPU PyTorch's foreach kernels are the fast path
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, alpha, eps, decay = group["lr"], group["alpha"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("RMSprop does not support sparse gradients")
-                state = self.state[p]
-                if not state:  # the same state as torch.optim.RMSprop: its state dicts load either way
-                    state["step"] = torch.tensor(0.0)
-                    state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                self._update(p, p.grad, state["square_avg"], lr, alpha, eps, decay)
-        return loss
-
-    def _update(self, param: torch.Tensor, grad: torch.Tensor, square_avg: torch.Tensor, lr: float, alpha: float,
-                eps: float, decay: float) -> None:
-        if not (param.is_contiguous() and grad.is_contiguous() and square_avg.is_contiguous()):
-            chunks = [(param, grad, square_avg)]
-        else:
-            p, g, s = param.view(-1), grad.view(-1), square_avg.view(-1)
-            chunks = [(p[i : i + self.CHUNK], g[i : i + self.CHUNK], s[i : i + self.CHUNK])
-                      for i in range(0, p.numel(), self.CHUNK)]
-        for p, g, s in chunks:
-            if decay:
-                g = g.add(p, alpha=decay)
-            s.mul_(alpha).addcmul_(g, g, value=1 - alpha)
-            avg = torch.sqrt(s, out=self._buffer(s)).add_(eps)
-            p.addcdiv_(g, avg, value=-lr)
-
-    def _buffer(self, like: torch.Tensor) -> torch.Tensor:
-        """A reused scratch tensor for sqrt(square_avg) + eps: a fresh one per chunk would be an allocation
-        (and, for large tensors, fresh pages) per chunk."""
-        if self._scratch.numel() < like.numel() or self._scratch.dtype != like.dtype or self._scratch.device != like.device:
-            self._scratch = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
-        return self._scratch[: like.numel()].view_as(like)
 
 
 def train_step(model: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer,
