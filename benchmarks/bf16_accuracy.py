@@ -2,8 +2,9 @@
 
     python benchmarks/bf16_accuracy.py                 # the demo phantom (300 per class), EfficientNet-Lite0, 5 seeds
     python benchmarks/bf16_accuracy.py --per-class 100 --epochs 15 --seeds 0 1
-    python benchmarks/bf16_accuracy.py --head paper --freeze-rnn --per-class 60 --epochs 8 --seeds 0 1 2
-        # the paper head (122 M parameters) with the paper preset's recipe; writes bf16_accuracy_paper.json
+    python benchmarks/bf16_accuracy.py --head paper --input-size 224 --per-class 100 --epochs 10
+        # the paper head (122 M parameters: 7x7 steps at 224 px) with the paper preset's recipe, trainable LSTM
+        # (--freeze-rnn: the seed's); writes bf16_accuracy_paper.json
 
 For each seed, the same phantom, split and head initialisation for both runs; only ``precision`` differs
 (bf16 autocast for feature extraction and head training, and for the saved model's prediction). Also
@@ -95,6 +96,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="folder for the phantom, runs and cache")
     parser.add_argument("--head", default=None, help="paper: the paper head and preset instead of the demo's head")
     parser.add_argument("--freeze-rnn", action="store_true", help="with --head paper: the seed's frozen LSTM")
+    parser.add_argument("--input-size", type=int, default=None,
+                        help="the backbone's input side (default: the demo's; 224 gives the paper's 7x7 sequence)")
     parser.add_argument("--out", type=Path, default=None,
                         help="default results/bf16_accuracy.json (bf16_accuracy_paper.json for --head paper)")
     args = parser.parse_args()
@@ -108,6 +111,8 @@ def main() -> None:
                                    preset="paper", freeze_rnn=args.freeze_rnn)
     elif args.head:
         base = dataclasses.replace(base, head=args.head)
+    if args.input_size is not None:
+        base = dataclasses.replace(base, input_size=args.input_size)
     if not (work / "phantom" / "manifest.csv").is_file():
         generate_phantom(work / "phantom", phantom_cfg)
     seeds = []
@@ -121,7 +126,8 @@ def main() -> None:
               flush=True)
     result = {
         "machine": {"torch": torch.__version__, "cpu": cpu_name(), "native_bf16": cpu_supports_bf16()},
-        "data": {"phantom_per_class": args.per_class, "backbone": base.backbone, "head": base.head,
+        "data": {"phantom_per_class": args.per_class, "backbone": base.backbone, "input_size": base.input_size,
+                 "head": base.head,
                  "freeze_rnn": base.freeze_rnn, "optimizer": base.optimizer, "epochs": base.epochs},
         "seeds": seeds,
         **summarize(seeds),

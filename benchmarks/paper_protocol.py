@@ -32,9 +32,12 @@ What is MEASURED in this run (per unit, on this machine, now):
 - files: ``torch.save`` of the head's state dict (the kept model) and one best-weights copy (fit_head
   copies the state dict on every validation improvement, at most folds x epochs times);
 - the seed's way: per training step, decode 16 phantom images + backbone forward + the same fp32 head step
-  with the seed's head (frozen LSTM run forward every step);
+  with the seed's head (frozen LSTM run forward every step); the backbone once on PyTorch eager (a plain
+  port of the seed) and once on cxrnn's own extraction engine (the store's ONNX export), so that the ratio
+  is not the runtime's gain alone. The seed's validation pass re-runs the backbone the same way;
 - the floors: a 2048x2048 matmul (best of several, fp32 and bf16) for FLOP/s, a triad a = b + s*c on 256 MB
-  arrays (best of several) for memory bandwidth.
+  arrays (best of several) for memory bandwidth; measured at the start and before each backbone, and the
+  best rates of the whole run set every floor (the strictest: a slow moment would flatter the steps).
 
 What is EXTRAPOLATED (linearly; both extraction and head training grow linearly with the images):
 - the whole protocol at N images and at 6,939 images: steps = folds x epochs x ceil(train per fold / 16),
@@ -59,7 +62,8 @@ Floors beside each head step (batch 16):
   memory floor is the same fp32 bytes (master weights and optimizer state stay fp32).
 How the step gets near its floor on a CPU (each change measured, see README "Speed"): the dense layers'
 and the LSTM's batch-16 matmuls through oneDNN (``cpu_linear``; MKL's sgemm is slow at 16 rows), resident
-weight gradients, the LSTM's backward through time with one recurrent-weight matmul for all steps
+weight gradients, the LSTM's recurrent weight reordered once per pass into oneDNN's blocked layout
+(``packed_for_cpu_linear``), its backward through time with one recurrent-weight matmul for all steps
 (``_ReluLSTMFn``), and RMSprop compiled into one pass over memory (``fused_rmsprop_update``, where PyTorch's
 compiler works; else chunked). The JSON's ``machine.implementation`` says which of these this run used.
 Writes benchmarks/results/paper_protocol.json.
@@ -140,6 +144,7 @@ def implementation() -> dict[str, str]:
     return {"cpu_linear": cpu_linear_backend(), "rmsprop_update": rmsprop_backend()}
 
 
+SEED_RUNTIMES = ("torch", "engine")
 VARIANTS = (("trainable", "fp32"), ("freeze_rnn", "fp32"), ("trainable", "bf16"), ("freeze_rnn", "bf16"))
 LABELS = {"trainable": "trainable LSTM", "freeze_rnn": "--freeze-rnn (cached LSTM outputs)"}
 
@@ -170,6 +175,7 @@ def main() -> None:
     from cxrnn.data.io import read_image
     from cxrnn.data.phantom import PhantomConfig, generate_phantom
     from cxrnn.features.matrix import FeatureRows
+    from cxrnn.features.extractors import make_extractor
     from cxrnn.features.store import FeatureStore
     from cxrnn.inference.device import cpu_name, resolve_device
     from cxrnn.models.backbones import create_backbone
@@ -184,10 +190,28 @@ def main() -> None:
     sync = synchronizer(device)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(f"{machine}: threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}", flush=True)
-    rates = {"fp32": measure_matmul_rate(device), "bf16": measure_matmul_rate(device, torch.bfloat16)}
-    bandwidth = measure_bandwidth(device)
-    print(f"floors: matmul 2048^2 fp32 {rates['fp32'] / 1e9:.1f} GFLOP/s, bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s, "
-          f"triad 256 MB {bandwidth / 1e9:.2f} GB/s", flush=True)
+    # The floors' rates: measured at the start and again before each backbone's steps, the best of all of them
+    # kept (on a shared machine a slow moment would lower the rates, raise the floors and flatter the steps)
+    rates = {"fp32": 0.0, "bf16": 0.0}
+    bandwidth = 0.0
+
+    def measure_floor_rates() -> None:
+        nonlocal bandwidth
+        rates["fp32"] = max(rates["fp32"], measure_matmul_rate(device))
+        rates["bf16"] = max(rates["bf16"], measure_matmul_rate(device, torch.bfloat16))
+        bandwidth = max(bandwidth, measure_bandwidth(device))
+        print(f"floors (best so far): matmul 2048^2 fp32 {rates['fp32'] / 1e9:.1f} GFLOP/s, bf16 "
+              f"{rates['bf16'] / 1e9:.1f} GFLOP/s, triad 256 MB {bandwidth / 1e9:.2f} GB/s", flush=True)
+
+    def floors(flops: dict[str, float], bytes_moved: float, precision: str, step_s: float) -> dict:
+        compute_floor = flops["step_total"] / rates[precision]
+        memory_floor = bytes_moved / bandwidth
+        return {"flops": flops, "bytes": bytes_moved, "matmul_flops_per_s": rates[precision],
+                "triad_bytes_per_s": bandwidth, "compute_floor_s": compute_floor, "memory_floor_s": memory_floor,
+                "floor_s": compute_floor + memory_floor, "step_over_floor": step_s / (compute_floor + memory_floor),
+                "dominant": "memory" if memory_floor > compute_floor else "compute"}
+
+    measure_floor_rates()
 
     work = Path(tempfile.mkdtemp(prefix="cxrnn-paper-protocol-"))
     probe = PhantomConfig(per_class=1, size=8, seed=0)
@@ -233,6 +257,7 @@ def main() -> None:
     rows = []
     for name in backbones:
         print(f"\n== {name}", flush=True)
+        measure_floor_rates()
         backbone = create_backbone(name, args.weights).to(device)
         spec = backbone.spec
         size = backbone.preprocessing.input_size
@@ -284,12 +309,12 @@ def main() -> None:
                                 if isinstance(m, nn.Linear))
             fl = head_flops(c, h * w, options["lstm_units"], list(options["dense"]), classes, frozen_cached=frozen)
             bytes_moved = 4.0 * (6 * trainable + 2 * dense_weights)
-            compute_floor = fl["step_total"] / rates[precision]
-            memory_floor = bytes_moved / bandwidth
+            floor = floors(fl, bytes_moved, precision, step_s)
 
             # 3. evaluation (validation / test): rows_logits at its batch 256, through the whole head; and,
             # for --freeze-rnn, the LSTM-output cache and the per-epoch validation from it
-            rows_logits(head, rows_eval[:4], device=str(device), precision=precision)
+            # the second of two full passes: a training run makes hundreds, the first one sets up oneDNN's primitives
+            rows_logits(head, rows_eval, device=str(device), precision=precision)
             sync()
             t = time.perf_counter()
             rows_logits(head, rows_eval, device=str(device), precision=precision)
@@ -310,16 +335,13 @@ def main() -> None:
                 "head_step_s": step_s, "head_step_times_s": times, "lstm_forward_calls_in_steps": len(lstm_calls),
                 "eval_s_per_image": eval_per_image, "lstm_cache_s_per_image": cache_per_image,
                 "eval_from_lstm_outputs_s_per_image": from_rnn_per_image,
-                "floors": {"flops": fl, "bytes": bytes_moved, "matmul_flops_per_s": rates[precision],
-                           "compute_floor_s": compute_floor, "memory_floor_s": memory_floor,
-                           "floor_s": compute_floor + memory_floor,
-                           "step_over_floor": step_s / (compute_floor + memory_floor),
-                           "dominant": "memory" if memory_floor > compute_floor else "compute"},
+                "floors": floor,  # recomputed at the end with the run's best rates
             }
             print(f"{name} {LABELS[kind]}, {precision}: {trainable / 1e6:.0f} M trainable; step {step_s:.3f} s | "
-                  f"compute floor {compute_floor:.3f} s ({fl['step_total'] / 1e9:.1f} GFLOP, LSTM share "
-                  f"{fl['lstm_share']:.0%}, LSTM calls in steps {len(lstm_calls)}) + memory floor {memory_floor:.3f} s "
-                  f"({bytes_moved / 1e9:.2f} GB) -> {step_s / (compute_floor + memory_floor):.2f}x floor", flush=True)
+                  f"compute floor {floor['compute_floor_s']:.3f} s ({fl['step_total'] / 1e9:.1f} GFLOP, LSTM share "
+                  f"{fl['lstm_share']:.0%}, LSTM calls in steps {len(lstm_calls)}) + memory floor "
+                  f"{floor['memory_floor_s']:.3f} s ({bytes_moved / 1e9:.2f} GB) -> {floor['step_over_floor']:.2f}x "
+                  f"floor (rates so far)", flush=True)
             if kind == "trainable" and precision == "fp32":
                 # 4. files: the kept model's weights, and fit_head's best-weights copy (the same for every variant)
                 t = time.perf_counter()
@@ -336,24 +358,41 @@ def main() -> None:
                 copy_s = time.perf_counter() - t
                 del best
             if kind == "freeze_rnn" and precision == "fp32":
-                # 5. the seed's way: decode + backbone forward on every training batch, then the fp32 step of
-                # the seed's head (its frozen LSTM runs forward every step)
+                # 5. the seed's way: every training batch decoded and pushed through the backbone again, then the
+                # fp32 step of the seed's head (its frozen LSTM runs forward every step). The backbone on two
+                # runtimes: PyTorch eager (a plain port of the seed) and cxrnn's own extraction engine (the store's:
+                # ONNX Runtime for fp32 on the CPU), so the ratio is not a runtime's gain alone.
                 head.train()
                 forward = head
-                seed_times = []
-                for s in range(-1, args.seed_steps):  # s = -1: warm-up at batch 16, not timed
-                    idx = [(max(s, 0) * BATCH + i) % len(paths) for i in range(BATCH)]
-                    sync()
-                    t = time.perf_counter()
-                    xb = to_input_tensor([read_image(paths[i]) for i in idx], backbone.preprocessing).to(device)
-                    with torch.inference_mode():
-                        fm = backbone(xb)
-                    step(fm.clone(), torch.from_numpy(labels[idx]).long().to(device))
-                    sync()
-                    if s >= 0:
-                        seed_times.append(time.perf_counter() - t)
-                seed_step_s = float(np.median(seed_times))
+                engine = make_extractor(backbone, store.runtime, device, "fp32", store.directory / "backbone.onnx",
+                                        warn=lambda m: None)
+                runtimes = {"torch": lambda xb: backbone(xb),
+                            "engine": lambda xb: torch.from_numpy(engine(xb)).to(device)}
+                seed = {}
+                for runtime, run_backbone in runtimes.items():
+                    backbone_times, step_times = [], []
+                    for s in range(-1, args.seed_steps):  # s = -1: warm-up at batch 16, not timed
+                        idx = [(max(s, 0) * BATCH + i) % len(paths) for i in range(BATCH)]
+                        sync()
+                        t = time.perf_counter()
+                        xb = to_input_tensor([read_image(paths[i]) for i in idx], backbone.preprocessing).to(device)
+                        with torch.inference_mode():
+                            fm = run_backbone(xb)
+                        sync()
+                        t_map = time.perf_counter()
+                        step(fm.clone(), torch.from_numpy(labels[idx]).long().to(device))
+                        sync()
+                        if s >= 0:
+                            backbone_times.append(t_map - t)
+                            step_times.append(time.perf_counter() - t_map)
+                    seed[runtime] = {
+                        "runtime": "torch" if runtime == "torch" else engine.name,
+                        "decode_and_backbone_s_per_image": float(np.median(backbone_times)) / BATCH,
+                        "head_step_s": float(np.median(step_times)),
+                        "step_s": float(np.median(np.add(backbone_times, step_times))),
+                        "step_times_s": list(np.add(backbone_times, step_times))}
                 seed_eval_per_image = eval_per_image
+                del engine, runtimes
             head = optimizer = forward = None  # freed before the next variant's head is built
 
         def protocol(n: int, v: dict) -> dict[str, float]:
@@ -370,30 +409,35 @@ def main() -> None:
             stages["total_h"] = stages["total_s"] / 3600
             return {**k, **stages}
 
-        def seed_protocol(n: int) -> dict[str, float]:
-            # the seed's validation pass also re-ran the backbone; its forward share is the extraction's
-            # per-image time (decode + forward; the .npy write is a slight overestimate)
+        def seed_protocol(n: int, way: dict) -> dict[str, float]:
+            # the seed's validation pass also re-ran the backbone (decode + forward per image) before the head
             k = counts(n)
-            per_image = extract_per_image + seed_eval_per_image
-            epoch = k["steps_per_epoch"] * seed_step_s + k["val_per_fold"] * per_image
+            per_image = way["decode_and_backbone_s_per_image"] + seed_eval_per_image
+            epoch = k["steps_per_epoch"] * way["step_s"] + k["val_per_fold"] * per_image
             total = (args.folds * args.epochs * epoch + args.folds * (k["val_per_fold"] + k["test"]) * per_image
                      + save_s + k["best_copies_max"] * copy_s)
             return {**k, "epoch_s": epoch, "total_s": total, "total_h": total / 3600}
 
-        seed_at = {"N": seed_protocol(len(paths)), "6939": seed_protocol(PAPER_IMAGES)}
+        seed_at = {runtime: {**way, "at_N": seed_protocol(len(paths), way), "at_6939": seed_protocol(PAPER_IMAGES, way)}
+                   for runtime, way in seed.items()}
         for v in variants.values():
             v["protocol_at_N"] = protocol(len(paths), v)
             v["protocol_at_6939"] = protocol(PAPER_IMAGES, v)
-            v["seed_over_this_total"] = seed_at["6939"]["total_s"] / v["protocol_at_6939"]["total_s"]
+            v["seed_over_this_total"] = {runtime: way["at_6939"]["total_s"] / v["protocol_at_6939"]["total_s"]
+                                         for runtime, way in seed_at.items()}
         rows.append({
             "backbone": name, "input_size": size, "feature_map": [int(c), int(h), int(w)],
             "measured": {"extract_s_per_image": extract_per_image, "extract_images": len(sub),
                          "model_save_s": save_s, "model_bytes": model_bytes, "best_copy_s": copy_s,
-                         "seed_step_s": seed_step_s, "seed_step_times_s": seed_times},
+                         "seed_step_s": {runtime: way["step_s"] for runtime, way in seed_at.items()}},
             "variants": variants,
-            "seed_way": {"at_N": seed_at["N"], "at_6939": seed_at["6939"]},
+            "seed_way": seed_at,
         })
         del backbone, store
+
+    for r in rows:  # every floor from the run's best rates
+        for v in r["variants"].values():
+            v["floors"] = floors(v["floors"]["flops"], v["floors"]["bytes"], v["precision"], v["head_step_s"])
 
     payload = {
         "note": ("Per-unit times are measured in this run; every protocol total (at N and at 6,939 images) is "
@@ -401,7 +445,9 @@ def main() -> None:
                  "extraction = one pass over all images, evaluation = validation every epoch + each fold's "
                  "final validation and test pass, LSTM cache (--freeze-rnn) = each fold's train + validation "
                  "images once. Nothing ran the 5 x 20 epochs. The seed's way is measured in fp32 with the seed's "
-                 "head (frozen LSTM, run every step) and the backbone re-run on every batch."),
+                 "head (frozen LSTM, run every step) and the backbone re-run on every batch, on two runtimes: "
+                 "'torch' (PyTorch eager) and 'engine' (cxrnn's extraction engine, ONNX Runtime on the CPU); "
+                 "seed_over_this_total gives the ratio against each."),
         "machine": {"device": str(device), "name": machine, "threads": torch.get_num_threads(),
                     "implementation": implementation(),
                     "load_average": os.getloadavg()[0], "matmul_flops_per_s": rates,
@@ -413,7 +459,8 @@ def main() -> None:
         "backbones": rows,
         "total_6939_h": {key: sum(r["variants"][key]["protocol_at_6939"]["total_h"] for r in rows)
                          for key in rows[0]["variants"]} if rows else {},
-        "seed_total_6939_h": sum(r["seed_way"]["at_6939"]["total_h"] for r in rows),
+        "seed_total_6939_h": {runtime: sum(r["seed_way"][runtime]["at_6939"]["total_h"] for r in rows)
+                              for runtime in SEED_RUNTIMES},
     }
     atomic_write_json(args.out, payload)
 
@@ -428,18 +475,21 @@ def main() -> None:
                   f"{v['head_step_s']:>8.3f}{f['compute_floor_s']:>9.3f}{f['memory_floor_s']:>8.3f}"
                   f"{f['step_over_floor']:>8.2f}{f['flops']['lstm_share']:>10.0%}")
     print(f"\nwhole protocol EXTRAPOLATED linearly to {PAPER_IMAGES} images (hours; {args.folds} folds x {args.epochs} "
-          f"epochs, from per-unit times measured on {len(paths)} phantom images); seed's way = backbone every batch")
+          f"epochs, from per-unit times measured on {len(paths)} phantom images); seed's way = the backbone re-run "
+          f"on every batch, PyTorch eager / cxrnn's extraction engine")
     keys = list(rows[0]["variants"]) if rows else []
-    print(f"{'backbone':<20}{'seed way':>9}" + "".join(f"{k:>26}" for k in keys))
+    print(f"{'backbone':<20}{'seed way':>17}" + "".join(f"{k:>30}" for k in keys))
+
+    def line(label: str, seed_h: dict, totals: list[float]) -> str:
+        cells = "".join(f"{h:>12.2f} h ({seed_h['torch'] / h:>4.1f}x / {seed_h['engine'] / h:>4.1f}x)" for h in totals)
+        return f"{label:<20}{seed_h['torch']:>7.2f} / {seed_h['engine']:>5.2f} h{cells}"
+
     for r in rows:
-        cells = "".join(f"{v['protocol_at_6939']['total_h']:>14.2f} h ({v['seed_over_this_total']:>5.1f}x)"
-                        for v in r["variants"].values())
-        print(f"{r['backbone']:<20}{r['seed_way']['at_6939']['total_h']:>9.2f}{cells}")
+        seed_h = {runtime: r["seed_way"][runtime]["at_6939"]["total_h"] for runtime in SEED_RUNTIMES}
+        print(line(r["backbone"], seed_h, [v["protocol_at_6939"]["total_h"] for v in r["variants"].values()]))
     if rows:
-        print(f"{'all four':<20}{payload['seed_total_6939_h']:>9.2f}"
-              + "".join(f"{payload['total_6939_h'][k]:>14.2f} h ({payload['seed_total_6939_h'] / payload['total_6939_h'][k]:>5.1f}x)"
-                        for k in keys))
-    print("(Nx: the seed's way over this one, whole protocol)")
+        print(line("all four", payload["seed_total_6939_h"], [payload["total_6939_h"][k] for k in keys]))
+    print("(N x: the seed's way over this one, whole protocol; seed's backbone on PyTorch eager / on cxrnn's engine)")
     print(f"implementation: {payload['machine']['implementation']}")
     print(f"wrote {args.out}")
 

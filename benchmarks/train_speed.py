@@ -135,7 +135,7 @@ def main() -> None:
                 "ratio_to_one_pass": cached_total_s / one_pass_s, "seed_style_estimate_s": seed_estimate,
                 "folds": args.folds, "epochs": args.protocol_epochs, "fit_s": result.timings.get("fit_s"),
                 "test_accuracy": result.metrics.get("accuracy")}
-    print(f"paper protocol {args.folds} folds x {args.protocol_epochs} epochs from the cache: {cached_total_s:.1f} s "
+    print(f"paper protocol, {args.head} head, {args.folds} folds x {args.protocol_epochs} epochs from the cache: {cached_total_s:.1f} s "
           f"= {protocol['ratio_to_one_pass']:.2f}x one pass ({one_pass_s:.1f} s); the seed's way ~{seed_estimate:.0f} s "
           f"(estimate)")
 

@@ -122,6 +122,40 @@ def test_cpu_linear_is_f_linear_with_or_without_onednn(monkeypatch) -> None:
     assert heads.cpu_linear(x.double(), w.double()).dtype == torch.float64  # other dtypes: F.linear
 
 
+def test_packed_recurrent_weight_gives_the_plain_products(monkeypatch) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(64, 24)
+    packed = heads.packed_for_cpu_linear(w, 16)
+    if heads.cpu_linear_backend() == "oneDNN":
+        assert packed.is_mkldnn  # reordered once, reused by every step's product
+    for rows in (16, 5, 40):  # the batch it was packed for, and others
+        h = torch.randn(rows, 24)
+        torch.testing.assert_close(heads.cpu_linear(h, packed), F.linear(h, w), rtol=1e-5, atol=1e-5)
+    g = torch.randn(16, 64)
+    torch.testing.assert_close(heads.cpu_linear(g, heads.packed_for_cpu_linear(w.t(), 16)), g @ w, rtol=1e-5, atol=1e-5)
+    assert heads.packed_for_cpu_linear(w.double(), 16).dtype == torch.float64  # nothing to pack: the weight itself
+    monkeypatch.setattr(heads, "_ONEDNN_LINEAR", False)
+    assert heads.packed_for_cpu_linear(w, 16) is w
+
+
+def test_relu_lstm_with_and_without_the_packed_weight_agree(monkeypatch) -> None:
+    torch.manual_seed(1)
+    lstm = ReluLSTM(12, 8)
+    seq = torch.randn(16, 9, 12)
+    runs = []
+    for onednn in (None, False):  # None: probe (packs where oneDNN works); False: F.linear, no packing
+        monkeypatch.setattr(heads, "_ONEDNN_LINEAR", onednn)
+        out = lstm(seq)
+        grads = torch.autograd.grad(out.square().sum(), list(lstm.parameters()))
+        with torch.no_grad():
+            runs.append((out.detach(), grads, lstm(seq)))
+    (out_a, grads_a, inf_a), (out_b, grads_b, inf_b) = runs
+    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(inf_a, inf_b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_resident_grad_linear_is_nn_linear_with_its_gradient_buffer_reused() -> None:
     torch.manual_seed(0)
     ours, theirs = ResidentGradLinear(12, 5), nn.Linear(12, 5)

@@ -33,13 +33,33 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     27 vs 8 ms, and the input-gradient matmul (``cpu_linear(grad, weight.t())``) 53 vs 36 ms. oneDNN's
     ``_linear_pointwise`` is the op PyTorch's own compiler (inductor) emits for CPU linear layers.
     """
-    global _ONEDNN_LINEAR
-    if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() == 2:
-        if _ONEDNN_LINEAR is None:
-            _ONEDNN_LINEAR = _onednn_linear_works()
-        if _ONEDNN_LINEAR:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() == 2 and _onednn_linear():
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+def _onednn_linear() -> bool:
+    global _ONEDNN_LINEAR
+    if _ONEDNN_LINEAR is None:
+        _ONEDNN_LINEAR = _onednn_linear_works()
+    return _ONEDNN_LINEAR
+
+
+def packed_for_cpu_linear(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """``weight`` reordered once into oneDNN's blocked layout for many ``cpu_linear`` calls at ``rows`` rows,
+    or ``weight`` itself where ``cpu_linear`` would not use oneDNN.
+
+    The LSTM multiplies its recurrent weight (16 MB for DenseNet121's 1,024 units) by a 16-row state at
+    every one of 48 steps, forward and backward; oneDNN otherwise reorders the plain weight inside each call.
+    Measured on 2 AMD EPYC cores, 48 steps of 16 x 1,024 @ 1,024 x 4,096: 63 -> 40 ms forward, and the
+    backward's transposed product 56 -> 32 ms, for one 2.4 ms reorder each.
+    """
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2 or not _onednn_linear():
+        return weight
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return weight
 
 
 def cpu_linear_backend() -> str:
@@ -59,6 +79,7 @@ def _relu_lstm_steps(gates: torch.Tensor, w_rec: torch.Tensor, cells: torch.Tens
     batch, steps, four_n = gates.shape
     n = four_n // 4
     outputs = gates.new_empty(batch, steps, n)
+    w_rec = packed_for_cpu_linear(w_rec, batch) if steps > 2 else w_rec
     c = None  # the cell state is 0 before step 0
     for t in range(steps):
         gt = gates[:, t]
@@ -101,6 +122,7 @@ class _ReluLSTMFn(torch.autograd.Function):
         grad_output = grad_output.to(gates.dtype)
         grad_gates = torch.empty_like(gates)
         grad_h = grad_c = None
+        w_rec_t = packed_for_cpu_linear(w_rec.t(), gates.shape[0]) if steps > 2 else w_rec.t()
         for t in range(steps - 1, -1, -1):
             sig = torch.sigmoid(gates[:, t])
             i, f, o = sig[:, :n], sig[:, n : 2 * n], sig[:, 3 * n :]
@@ -121,7 +143,7 @@ class _ReluLSTMFn(torch.autograd.Function):
             torch.mul(dh * torch.relu(c), o * (1 - o), out=d[:, 3 * n :])
             if t:
                 grad_c = dc * f
-                grad_h = cpu_linear(d, w_rec.t())
+                grad_h = cpu_linear(d, w_rec_t)
         grad_w = None
         if ctx.needs_input_grad[1]:
             # the steps' h_{t-1} against their gate gradients, all steps in one matmul (h is 0 before step 0)
