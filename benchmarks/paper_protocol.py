@@ -35,9 +35,12 @@ What is MEASURED in this run (per unit, on this machine, now):
   with the seed's head (frozen LSTM run forward every step); the backbone once on PyTorch eager (a plain
   port of the seed) and once on cxrnn's own extraction engine (the store's ONNX export), so that the ratio
   is not the runtime's gain alone. The seed's validation pass re-runs the backbone the same way;
-- the floors: a 2048x2048 matmul (best of several, fp32 and bf16) for FLOP/s, a triad a = b + s*c on 256 MB
-  arrays (best of several) for memory bandwidth; measured at the start and before each backbone, and the
-  best rates of the whole run set every floor (the strictest: a slow moment would flatter the steps).
+- the floors: a 2048x2048 matmul (best of several, at the step's precision) for FLOP/s, a triad a = b + s*c
+  on 256 MB arrays (best of several) for memory bandwidth. A shared machine's rates move with its
+  neighbours' load, so each variant runs 4 rounds of (measure both rates, time a quarter of the steps):
+  each round's steps against that round's floor, and the variant's "x floor" is the median of the 4
+  ratios (``floors.rounds`` has each). The run's best rates give a second, stricter floor for every step
+  (``floors_best_rates``, "x best").
 
 What is EXTRAPOLATED (linearly; both extraction and head training grow linearly with the images):
 - the whole protocol at N images and at 6,939 images: steps = folds x epochs x ceil(train per fold / 16),
@@ -145,6 +148,7 @@ def implementation() -> dict[str, str]:
 
 
 SEED_RUNTIMES = ("torch", "engine")
+ROUNDS = 4  # rounds of (measure the floor's rates, time steps) per variant
 VARIANTS = (("trainable", "fp32"), ("freeze_rnn", "fp32"), ("trainable", "bf16"), ("freeze_rnn", "bf16"))
 LABELS = {"trainable": "trainable LSTM", "freeze_rnn": "--freeze-rnn (cached LSTM outputs)"}
 
@@ -190,28 +194,30 @@ def main() -> None:
     sync = synchronizer(device)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(f"{machine}: threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}", flush=True)
-    # The floors' rates: measured at the start and again before each backbone's steps, the best of all of them
-    # kept (on a shared machine a slow moment would lower the rates, raise the floors and flatter the steps)
-    rates = {"fp32": 0.0, "bf16": 0.0}
-    bandwidth = 0.0
+    # The floors' rates are measured right before and right after each variant's steps (the best of the two):
+    # on a shared machine the rates move with the neighbours' load, so a step is held against the hardware as
+    # it was while the step ran. The run's best rates give a second, stricter floor for every step.
+    best_rates = {"fp32": 0.0, "bf16": 0.0, "triad": 0.0}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-    def measure_floor_rates() -> None:
-        nonlocal bandwidth
-        rates["fp32"] = max(rates["fp32"], measure_matmul_rate(device))
-        rates["bf16"] = max(rates["bf16"], measure_matmul_rate(device, torch.bfloat16))
-        bandwidth = max(bandwidth, measure_bandwidth(device))
-        print(f"floors (best so far): matmul 2048^2 fp32 {rates['fp32'] / 1e9:.1f} GFLOP/s, bf16 "
-              f"{rates['bf16'] / 1e9:.1f} GFLOP/s, triad 256 MB {bandwidth / 1e9:.2f} GB/s", flush=True)
+    def measure_rates(precision: str) -> dict[str, float]:
+        measured = {"matmul": measure_matmul_rate(device, dtypes[precision]), "triad": measure_bandwidth(device)}
+        best_rates[precision] = max(best_rates[precision], measured["matmul"])
+        best_rates["triad"] = max(best_rates["triad"], measured["triad"])
+        return measured
 
-    def floors(flops: dict[str, float], bytes_moved: float, precision: str, step_s: float) -> dict:
-        compute_floor = flops["step_total"] / rates[precision]
-        memory_floor = bytes_moved / bandwidth
-        return {"flops": flops, "bytes": bytes_moved, "matmul_flops_per_s": rates[precision],
-                "triad_bytes_per_s": bandwidth, "compute_floor_s": compute_floor, "memory_floor_s": memory_floor,
+    def floors(flops: dict[str, float], bytes_moved: float, matmul_rate: float, triad: float, step_s: float) -> dict:
+        compute_floor = flops["step_total"] / matmul_rate
+        memory_floor = bytes_moved / triad
+        return {"flops": flops, "bytes": bytes_moved, "matmul_flops_per_s": matmul_rate, "triad_bytes_per_s": triad,
+                "compute_floor_s": compute_floor, "memory_floor_s": memory_floor,
                 "floor_s": compute_floor + memory_floor, "step_over_floor": step_s / (compute_floor + memory_floor),
                 "dominant": "memory" if memory_floor > compute_floor else "compute"}
 
-    measure_floor_rates()
+    for precision in dtypes:
+        measure_rates(precision)
+    print(f"rates at the start: matmul 2048^2 fp32 {best_rates['fp32'] / 1e9:.1f} GFLOP/s, bf16 {best_rates['bf16'] / 1e9:.1f} "
+          f"GFLOP/s, triad 256 MB {best_rates['triad'] / 1e9:.2f} GB/s", flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="cxrnn-paper-protocol-"))
     probe = PhantomConfig(per_class=1, size=8, seed=0)
@@ -243,7 +249,7 @@ def main() -> None:
                 "lstm_cache_images": args.folds * rest, "best_copies_max": args.folds * args.epochs}
 
     def timed_steps(step, inputs: torch.Tensor, targets: torch.Tensor, n: int) -> list[float]:
-        for _ in range(2):
+        for _ in range(2):  # warm-up: after other work the first steps fault their buffers back in
             step(inputs, targets)
         times = []
         for _ in range(n):
@@ -257,7 +263,6 @@ def main() -> None:
     rows = []
     for name in backbones:
         print(f"\n== {name}", flush=True)
-        measure_floor_rates()
         backbone = create_backbone(name, args.weights).to(device)
         spec = backbone.spec
         size = backbone.preprocessing.input_size
@@ -301,15 +306,26 @@ def main() -> None:
             lstm_calls: list[int] = []
             hook = head.rnn.register_forward_hook(lambda m, i, o: lstm_calls.append(1))
             head.train()
-            times = timed_steps(step, inputs, y, args.steps)
-            hook.remove()
-            step_s = float(np.median(times))
             trainable = sum(p.numel() for p in head.parameters() if p.requires_grad)
             dense_weights = sum(m.weight.numel() for m in [*head.dense.modules(), head.classifier]
                                 if isinstance(m, nn.Linear))
             fl = head_flops(c, h * w, options["lstm_units"], list(options["dense"]), classes, frozen_cached=frozen)
             bytes_moved = 4.0 * (6 * trainable + 2 * dense_weights)
-            floor = floors(fl, bytes_moved, precision, step_s)
+            # rounds of (the floor's rates, then a few steps): each round's steps are held against the rates
+            # measured just before them, so both see the machine in the same state
+            times, rounds = [], []
+            per_round = max(2, math.ceil(args.steps / ROUNDS))
+            for _ in range(ROUNDS):
+                measured = measure_rates(precision)
+                round_times = timed_steps(step, inputs, y, per_round)
+                times += round_times
+                rounds.append(floors(fl, bytes_moved, measured["matmul"], measured["triad"],
+                                     float(np.median(round_times))))
+            hook.remove()
+            step_s = float(np.median(times))
+            ratios = [r["step_over_floor"] for r in rounds]
+            floor = {**min(rounds, key=lambda r: abs(r["step_over_floor"] - np.median(ratios))),
+                     "step_over_floor": float(np.median(ratios)), "rounds": rounds}
 
             # 3. evaluation (validation / test): rows_logits at its batch 256, through the whole head; and,
             # for --freeze-rnn, the LSTM-output cache and the per-epoch validation from it
@@ -335,13 +351,13 @@ def main() -> None:
                 "head_step_s": step_s, "head_step_times_s": times, "lstm_forward_calls_in_steps": len(lstm_calls),
                 "eval_s_per_image": eval_per_image, "lstm_cache_s_per_image": cache_per_image,
                 "eval_from_lstm_outputs_s_per_image": from_rnn_per_image,
-                "floors": floor,  # recomputed at the end with the run's best rates
+                "floors": floor,  # the rates measured beside the steps; "floors_best_rates": the run's best
             }
             print(f"{name} {LABELS[kind]}, {precision}: {trainable / 1e6:.0f} M trainable; step {step_s:.3f} s | "
                   f"compute floor {floor['compute_floor_s']:.3f} s ({fl['step_total'] / 1e9:.1f} GFLOP, LSTM share "
                   f"{fl['lstm_share']:.0%}, LSTM calls in steps {len(lstm_calls)}) + memory floor "
                   f"{floor['memory_floor_s']:.3f} s ({bytes_moved / 1e9:.2f} GB) -> {floor['step_over_floor']:.2f}x "
-                  f"floor (rates so far)", flush=True)
+                  f"floor", flush=True)
             if kind == "trainable" and precision == "fp32":
                 # 4. files: the kept model's weights, and fit_head's best-weights copy (the same for every variant)
                 t = time.perf_counter()
@@ -435,9 +451,10 @@ def main() -> None:
         })
         del backbone, store
 
-    for r in rows:  # every floor from the run's best rates
+    for r in rows:  # the stricter floor: the run's best rates
         for v in r["variants"].values():
-            v["floors"] = floors(v["floors"]["flops"], v["floors"]["bytes"], v["precision"], v["head_step_s"])
+            v["floors_best_rates"] = floors(v["floors"]["flops"], v["floors"]["bytes"], best_rates[v["precision"]],
+                                            best_rates["triad"], v["head_step_s"])
 
     payload = {
         "note": ("Per-unit times are measured in this run; every protocol total (at N and at 6,939 images) is "
@@ -450,8 +467,8 @@ def main() -> None:
                  "seed_over_this_total gives the ratio against each."),
         "machine": {"device": str(device), "name": machine, "threads": torch.get_num_threads(),
                     "implementation": implementation(),
-                    "load_average": os.getloadavg()[0], "matmul_flops_per_s": rates,
-                    "triad_bytes_per_s": bandwidth},
+                    "load_average": os.getloadavg()[0],
+                    "best_matmul_flops_per_s": {k: best_rates[k] for k in dtypes}, "best_triad_bytes_per_s": best_rates["triad"]},
         "protocol": {"folds": args.folds, "epochs": args.epochs, "batch": BATCH, "test_size": cfg.test_size,
                      "optimizer": cfg.optimizer, "weights": args.weights},
         "data": {"images": len(paths), "size": args.size, "classes": classes, "timed_steps": args.steps,
@@ -464,16 +481,18 @@ def main() -> None:
     }
     atomic_write_json(args.out, payload)
 
-    print(f"\nhead step (batch 16; measured, median of {args.steps}) vs its floors (matmul fp32 "
-          f"{rates['fp32'] / 1e9:.1f}, bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s; triad {bandwidth / 1e9:.2f} GB/s)")
+    print(f"\nhead step (batch 16; measured, median of {args.steps}) vs its floors, from the rates measured beside it "
+          f"(x floor) and from the run's best rates (x best: matmul fp32 {best_rates['fp32'] / 1e9:.1f}, bf16 "
+          f"{best_rates['bf16'] / 1e9:.1f} GFLOP/s; triad {best_rates['triad'] / 1e9:.2f} GB/s)")
     print(f"{'backbone':<20}{'head':<37}{'prec':<6}{'params':>7}{'step s':>8}{'compute':>9}{'memory':>8}"
-          f"{'x floor':>8}{'LSTM share':>11}")
+          f"{'x floor':>8}{'x best':>8}{'LSTM share':>11}")
     for r in rows:
         for v in r["variants"].values():
             f = v["floors"]
             print(f"{r['backbone']:<20}{v['label']:<37}{v['precision']:<6}{v['trainable_params'] / 1e6:>6.0f}M"
                   f"{v['head_step_s']:>8.3f}{f['compute_floor_s']:>9.3f}{f['memory_floor_s']:>8.3f}"
-                  f"{f['step_over_floor']:>8.2f}{f['flops']['lstm_share']:>10.0%}")
+                  f"{f['step_over_floor']:>8.2f}{v['floors_best_rates']['step_over_floor']:>8.2f}"
+                  f"{f['flops']['lstm_share']:>10.0%}")
     print(f"\nwhole protocol EXTRAPOLATED linearly to {PAPER_IMAGES} images (hours; {args.folds} folds x {args.epochs} "
           f"epochs, from per-unit times measured on {len(paths)} phantom images); seed's way = the backbone re-run "
           f"on every batch, PyTorch eager / cxrnn's extraction engine")
