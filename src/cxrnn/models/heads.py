@@ -172,10 +172,10 @@ class ReluLSTM(nn.Module):
         # All steps' input projections in one big matmul
         gates_x = self.input_proj(seq)
         w_rec = self.recurrent.weight
-        if torch.is_grad_enabled() and (gates_x.requires_grad or w_rec.requires_grad) and not _tracing():
-            return _ReluLSTMFn.apply(gates_x, w_rec)
         if _tracing():
             return self._traceable(gates_x)
+        if torch.is_grad_enabled() and (gates_x.requires_grad or w_rec.requires_grad):
+            return _ReluLSTMFn.apply(gates_x, w_rec)
         gates = gates_x.contiguous()  # no autograd here: the fresh projection is overwritten in place
         return _relu_lstm_steps(gates, w_rec.to(gates.dtype), None)
 
